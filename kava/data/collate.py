@@ -1,0 +1,173 @@
+"""Example -> token segments -> TeacherBatch / StudentBatch (ids, masks, positions, labels).
+
+Sequences (METHOD.md):
+    teacher:  Q <bot> C <eot> P A <eos>       right-padded
+    student:  [Q <bot>] [z_1 .. z_M] [<eot> P A <eos>]
+              left-padded prefix, M latent slots, right-padded suffix,
+              so the latent slots line up in one column block for the whole batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from kava.data import Example
+
+IGNORE = -100
+
+
+@dataclass
+class Segments:
+    """Token ids of one example, split by role."""
+
+    question: list[int]  # Q <bot>  (BOS first when the tokenizer has one)
+    cot: list[int]  # C
+    prompt: list[int]  # <eot> P
+    answer: list[int]  # A <eos>
+
+    @property
+    def teacher_len(self) -> int:
+        return len(self.question) + len(self.cot) + len(self.prompt) + len(self.answer)
+
+
+class Tokenizer:
+    """Turns Examples into Segments with one fixed convention for numbers and spaces."""
+
+    def __init__(self, tokenizer, special_ids: dict[str, int], answer_prompt: str = "The answer is:"):
+        self.tok = tokenizer
+        self.bot, self.eot, self.latent = special_ids["<bot>"], special_ids["<eot>"], special_ids["<latent>"]
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id
+        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != self.eos else []
+        self.prompt_ids = self._enc(answer_prompt)
+
+    def _enc(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def question_ids(self, question: str) -> list[int]:
+        return self.bos + self._enc(question) + [self.bot]
+
+    def segments(self, ex: Example) -> Segments:
+        # The answer follows "P" with a leading space, like numbers inside the CoT follow "=" or a space.
+        return Segments(
+            question=self.question_ids(ex.question),
+            cot=self._enc(" ".join(ex.steps)) if ex.steps else [],
+            prompt=[self.eot] + self.prompt_ids,
+            answer=self._enc(" " + ex.answer.strip()) + [self.eos],
+        )
+
+
+def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            if left:
+                out[i, width - len(r):] = torch.tensor(r)
+            else:
+                out[i, : len(r)] = torch.tensor(r)
+    return out
+
+
+def positions_from_mask(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
+    """Position ids implied by padding: count of real tokens before each slot (pads get a clamped value)."""
+    pos = mask.long().cumsum(-1) - 1
+    if isinstance(offset, torch.Tensor):
+        offset = offset[:, None]
+    return (pos + offset).clamp_min(0)
+
+
+@dataclass
+class TeacherBatch:
+    """Q <bot> C <eot> P A <eos>, right-padded. B examples, N tokens.
+
+    input_ids, attention_mask, position_ids, labels: [B, N] (labels: C, <eot>, P, A, <eos>; else -100)
+    cot_index, cot_valid: [B, Nc]   positions of the CoT tokens
+    query_index, query_valid: [B, Na]   answer-query positions for importance
+    prompt_last: [B]   position of the last token of P (CODI target)
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    cot_index: torch.Tensor
+    cot_valid: torch.Tensor
+    query_index: torch.Tensor
+    query_valid: torch.Tensor
+    prompt_last: torch.Tensor
+
+    def to(self, device) -> "TeacherBatch":
+        return TeacherBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+@dataclass
+class StudentBatch:
+    """Student inputs. prefix: Q <bot> left-padded [B, Nq]; suffix: <eot> P A <eos> right-padded [B, Ns].
+
+    suffix_labels [B, Ns]: the student CE targets (A, <eos>; P too if configured), -100 elsewhere.
+    prompt_last: index in the suffix of the last P token (same for every row).
+    """
+
+    prefix_ids: torch.Tensor
+    prefix_mask: torch.Tensor
+    suffix_ids: torch.Tensor
+    suffix_mask: torch.Tensor
+    suffix_labels: torch.Tensor
+    prompt_last: int
+
+    def to(self, device) -> "StudentBatch":
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        return StudentBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+
+
+def collate_teacher(segs: list[Segments], pad_id: int, importance_queries: str = "prompt_and_answer") -> TeacherBatch:
+    rows, labels, cot_pos, query_pos, prompt_last = [], [], [], [], []
+    for s in segs:
+        ids = s.question + s.cot + s.prompt + s.answer
+        rows.append(ids)
+        q, c, p = len(s.question), len(s.cot), len(s.prompt)
+        # label[i] is the token at i; the model predicts it from i-1 (shifted in the loss).
+        labels.append([IGNORE] * q + ids[q:])
+        cot_pos.append(list(range(q, q + c)))
+        # P excludes <eot> (first prompt token); A excludes <eos>.
+        p_start = q + c + 1
+        a_end = q + c + p + len(s.answer) - 1
+        start = p_start if importance_queries == "prompt_and_answer" else q + c + p
+        query_pos.append(list(range(start, a_end)))
+        prompt_last.append(q + c + p - 1)
+    input_ids = _pad(rows, pad_id)
+    attention_mask = _pad([[1] * len(r) for r in rows], 0).bool()
+    return TeacherBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions_from_mask(attention_mask),
+        labels=_pad(labels, IGNORE),
+        cot_index=_pad(cot_pos, 0),
+        cot_valid=_pad([[1] * len(c) for c in cot_pos], 0).bool(),
+        query_index=_pad(query_pos, 0),
+        query_valid=_pad([[1] * len(q) for q in query_pos], 0).bool(),
+        prompt_last=torch.tensor(prompt_last, dtype=torch.long),
+    )
+
+
+def collate_student(segs: list[Segments], pad_id: int, ce_on_prompt: bool = False) -> StudentBatch:
+    prefixes = [s.question for s in segs]
+    suffixes = [s.prompt + s.answer for s in segs]
+    labels = []
+    for s in segs:
+        # Student CE: A and <eos> (P optional); never <eot>, which is given.
+        prompt_labels = [IGNORE] + s.prompt[1:] if ce_on_prompt else [IGNORE] * len(s.prompt)
+        labels.append(prompt_labels + s.answer)
+    prompt_lens = {len(s.prompt) for s in segs}
+    if len(prompt_lens) != 1:
+        raise ValueError("the answer prompt must tokenize to the same length in every example")
+    return StudentBatch(
+        prefix_ids=_pad(prefixes, pad_id, left=True),
+        prefix_mask=_pad([[1] * len(p) for p in prefixes], 0, left=True).bool(),
+        suffix_ids=_pad(suffixes, pad_id),
+        suffix_mask=_pad([[1] * len(x) for x in suffixes], 0).bool(),
+        suffix_labels=_pad(labels, IGNORE),
+        prompt_last=prompt_lens.pop() - 1,
+    )

@@ -1,0 +1,114 @@
+"""Latent reasoning: pass 0, Jacobi iterations on the cached ``Q <bot>`` prefix (PCCoT), or sequential (CODI).
+
+Every pass carries the attention mask and position ids that the left-padded
+prefix implies, so an example gives the same latents alone or in a padded batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers import DynamicCache
+
+from kava.data.collate import positions_from_mask
+
+
+@dataclass
+class LatentTrace:
+    """Result of latent reasoning for a batch.
+
+    latents:      [B, M, D]  final latent inputs z^T (Jacobi) / z_1..z_M (sequential)
+    consumed:     [B, M, D]  latents whose KV the answer pass attends to
+    latent_kv:    {iteration: (K, V)} each [B, L, H_kv, M, d]; the largest key is the final one
+    cache:        prefix + final latent KV, ready for the answer pass
+    mask:         [B, Nq + M] attention mask of that cache
+    next_position:[B] position id of the first answer token
+    forward_passes: number of model calls made (batch-wide)
+    """
+
+    latents: torch.Tensor
+    consumed: torch.Tensor
+    latent_kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    cache: DynamicCache
+    mask: torch.Tensor
+    next_position: torch.Tensor
+    forward_passes: int
+    history: list[torch.Tensor] = field(default_factory=list)
+
+
+def _cache_from(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    return DynamicCache(ddp_cache_data=kv)
+
+
+def _split_cache(cache: DynamicCache, at: int) -> tuple[list, tuple[torch.Tensor, torch.Tensor]]:
+    """-> (per-layer (K, V) before `at`, stacked (K, V) [B, L, H, n, d] from `at` on)."""
+    head = [(layer.keys[..., :at, :], layer.values[..., :at, :]) for layer in cache.layers]
+    k = torch.stack([layer.keys[..., at:, :] for layer in cache.layers], dim=1)
+    v = torch.stack([layer.values[..., at:, :] for layer in cache.layers], dim=1)
+    return head, (k, v)
+
+
+def run_latents(
+    decoder: Callable,
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    project: Callable[[torch.Tensor], torch.Tensor],
+    prefix_ids: torch.Tensor,
+    prefix_mask: torch.Tensor,
+    latent_id: int,
+    num_tokens: int,
+    num_iterations: int,
+    mode: str = "jacobi",
+    keep_history: bool = False,
+) -> LatentTrace:
+    """Run latent reasoning on ``Q <bot>`` (left-padded prefix_ids/prefix_mask [B, Nq]).
+
+    decoder(inputs_embeds, attention_mask, position_ids, cache) -> (last hidden [B, n, D], cache)
+    """
+    B, Nq = prefix_ids.shape
+    M = num_tokens
+    n_valid = prefix_mask.long().sum(-1)  # [B]
+    latent_pos = n_valid[:, None] + torch.arange(M, device=prefix_ids.device)[None]  # [B, M]
+    full_mask = torch.cat([prefix_mask, prefix_mask.new_ones(B, M)], dim=1)
+    prefix_emb = embed(prefix_ids)
+    history: list[torch.Tensor] = []
+
+    if mode == "sequential":
+        # CODI: one latent per pass, each fed back as the next input.
+        h, cache = decoder(prefix_emb, prefix_mask, positions_from_mask(prefix_mask), None)
+        z = project(h[:, -1:])
+        latents = []
+        for i in range(M):
+            latents.append(z)
+            h, cache = decoder(z, full_mask[:, : Nq + i + 1], latent_pos[:, i : i + 1], cache)
+            z = project(h)
+        latents_t = torch.cat(latents, dim=1)
+        _, kv = _split_cache(cache, Nq)
+        return LatentTrace(latents_t, latents_t, {max(num_iterations, 1): kv}, cache, full_mask,
+                           n_valid + M, 1 + M, history)
+
+    # Pass 0: Q <bot> then M copies of <latent>, in one call; keep the prefix KV.
+    latent_emb = embed(torch.full((B, M), latent_id, dtype=torch.long, device=prefix_ids.device))
+    h0, cache = decoder(
+        torch.cat([prefix_emb, latent_emb], dim=1),
+        full_mask,
+        torch.cat([positions_from_mask(prefix_mask), latent_pos], dim=1),
+        None,
+    )
+    prefix_kv, kv = _split_cache(cache, Nq)
+    latent_kv = {0: kv}
+    # z^0_1 = prj(h at <bot>); z^0_i = prj(h at slot i-1).
+    z = project(h0[:, Nq - 1 : Nq + M - 1])
+    consumed = latent_emb
+    if keep_history:
+        history.append(z)
+    for t in range(1, num_iterations + 1):
+        # Iteration t: all M latents in one pass on top of the (never recomputed) prefix cache.
+        h, cache = decoder(z, full_mask, latent_pos, _cache_from(prefix_kv))
+        _, latent_kv[t] = _split_cache(cache, Nq)
+        consumed = z
+        # Causal shift: slot 1 keeps its value; slot i takes prj(h at slot i-1).
+        z = torch.cat([z[:, :1], project(h[:, :-1])], dim=1)
+        if keep_history:
+            history.append(z)
+    return LatentTrace(z, consumed, latent_kv, cache, full_mask, n_valid + M, 1 + num_iterations, history)

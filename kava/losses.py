@@ -1,0 +1,168 @@
+"""KaVa losses on plain tensors.
+
+    L = CE_student + w_t * CE_teacher + a1 * L_CODI + a2 * L_KV
+
+The model computes the two cross-entropies itself; this module adds the two
+distillation terms and returns the total with its metrics. Teacher tensors are
+always detached here, so callers need not remember to.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from kava.config import LossCfg
+from kava.eviction import CompressedKV
+
+EPS = 1e-6
+CODI_KINDS = ("smooth_l1", "l1")
+KV_KINDS = ("smooth_l1", "l1", "mse")
+
+
+def _distance(a: Tensor, b: Tensor, kind: str) -> Tensor:
+    """Elementwise distance: smooth_l1 (beta = 1), l1 (abs) or mse (squared)."""
+    if kind == "smooth_l1":
+        return torch.nn.functional.smooth_l1_loss(a, b, reduction="none", beta=1.0)
+    if kind == "l1":
+        return (a - b).abs()
+    if kind == "mse":
+        return (a - b).square()
+    raise ValueError(f"kind: expected one of {', '.join(KV_KINDS)}, got {kind!r}")
+
+
+def _upcast(x: Tensor) -> Tensor:
+    # Reductions over millions of bf16 elements drift; do the loss math in >= fp32.
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def codi_loss(student_h: Tensor, teacher_h: Tensor, kind: str = "smooth_l1",
+              layerwise_std: bool = True) -> Tensor:
+    """CODI hidden-state loss at the last answer-prompt token.
+
+    student_h, teacher_h: ``[B, L, D]``, every layer's output (embedding excluded).
+    Per layer l: ``mean_{B,D} dist(s, sg(t)) / std(t)``, with std over (B, D) of
+    that layer when ``layerwise_std`` else one std over all of teacher_h
+    (population std, clamped to >= 1e-6); then the mean over layers. Scalar.
+    """
+    if kind not in CODI_KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(CODI_KINDS)}, got {kind!r}")
+    if student_h.dim() != 3 or student_h.shape != teacher_h.shape:
+        raise ValueError(f"student_h, teacher_h: expected equal shapes [B, L, D], got "
+                         f"{tuple(student_h.shape)} and {tuple(teacher_h.shape)}")
+    s, t = _upcast(student_h), _upcast(teacher_h.detach())
+    per_layer = _distance(s, t, kind).mean(dim=(0, 2))                    # [L]
+    if layerwise_std:
+        std = t.std(dim=(0, 2), correction=0)                              # [L]
+    else:
+        std = t.std(correction=0)
+    return (per_layer / std.clamp_min(EPS)).mean()
+
+
+def kv_loss(student_k: Tensor, student_v: Tensor, teacher_k: Tensor, teacher_v: Tensor,
+            slot_mask: Tensor, kind: str = "smooth_l1", layerwise_std: bool = True) -> Tensor:
+    """KV distillation loss against the compressed teacher KV.
+
+    student_k, teacher_k: ``[B, L, H, M, d]``; student_v, teacher_v: ``[B, L, H, M, d_v]``;
+    slot_mask: ``[B, M]`` bool (False slots hold no teacher entry and never count).
+
+    METHOD writes ``(1/2M) (||sg(K~) - K||_p^p + ||sg(V~) - V||_p^p)`` summed over
+    layers and heads. We take the *mean* over every valid element (layers, heads,
+    valid slots, d) instead of the sum over L, H, d, so the loss size (and the
+    right alpha_kv) does not change with model shape; it differs from the formula
+    by the constant L*H*d only. K and V terms are averaged (the 1/2).
+
+    With ``layerwise_std`` each layer's mean distance is divided by the std of the
+    teacher K (resp. V) of that layer over valid slots (detached, clamped to >= 1e-6);
+    the std divides the distance as is, also for mse. No valid slot in the batch
+    gives a zero that stays in the autograd graph.
+    """
+    if kind not in KV_KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(KV_KINDS)}, got {kind!r}")
+    if student_k.dim() != 5 or student_k.shape != teacher_k.shape:
+        raise ValueError(f"student_k, teacher_k: expected equal shapes [B, L, H, M, d], got "
+                         f"{tuple(student_k.shape)} and {tuple(teacher_k.shape)}")
+    if student_v.shape != teacher_v.shape or student_v.shape[:-1] != student_k.shape[:-1]:
+        raise ValueError(f"student_v, teacher_v: expected equal shapes {tuple(student_k.shape[:-1]) + ('d_v',)}, "
+                         f"got {tuple(student_v.shape)} and {tuple(teacher_v.shape)}")
+    B, _, H, M, _ = student_k.shape
+    if slot_mask.shape != (B, M):
+        raise ValueError(f"slot_mask: expected shape [B, M] = {(B, M)}, got {tuple(slot_mask.shape)}")
+    mask = slot_mask.to(device=student_k.device, dtype=torch.bool)[:, None, None, :, None]
+    n_slots = mask.sum()                       # valid (example, slot) pairs; a tensor, no sync
+
+    def one(s: Tensor, t: Tensor) -> Tensor:
+        s, t = _upcast(s), _upcast(t.detach())
+        count = (n_slots * H * s.shape[-1]).clamp_min(1).to(s.dtype)       # elements per layer
+        # where, not multiply: masked slots may hold anything, even NaN, and must not count.
+        dist = torch.where(mask, _distance(s, t, kind), 0.0)
+        per_layer = dist.sum(dim=(0, 2, 3, 4)) / count                      # [L]
+        if layerwise_std:
+            mean = torch.where(mask, t, 0.0).sum(dim=(0, 2, 3, 4), keepdim=True) / count
+            var = torch.where(mask, (t - mean).square(), 0.0).sum(dim=(0, 2, 3, 4)) / count
+            per_layer = per_layer / var.sqrt().clamp_min(EPS)
+        return per_layer.mean()
+
+    return 0.5 * (one(student_k, teacher_k) + one(student_v, teacher_v))
+
+
+def total_loss(*, ce_student: Optional[Tensor], ce_teacher: Optional[Tensor],
+               student_h: Optional[Tensor], teacher_h: Optional[Tensor],
+               latent_kv: Optional[dict[int, tuple[Tensor, Tensor]]],
+               teacher_kv: Optional[CompressedKV], cfg: LossCfg) -> tuple[Tensor, dict[str, float]]:
+    """Total training loss and its metrics.
+
+    latent_kv: iteration t -> (k, v), each ``[B, L, H, M, d]``; 0 is pass 0, 1..T the
+    Jacobi iterations, and the largest key is the KV the answer pass used.
+    ``kv_supervision="last"`` supervises that largest key; ``"all"`` the mean over
+    keys >= 1 (or key 0 when it is the only one). Every iteration's KV loss is
+    logged either way (unsupervised ones under no_grad).
+
+    Any of ce_student, ce_teacher, student_h/teacher_h, latent_kv/teacher_kv may be
+    None (baselines without a student or a teacher): that term is 0. A term whose
+    weight is 0 is still computed for its metric, under no_grad, and not added.
+
+    Returns ``(loss, metrics)``; metrics always has loss, ce_student, ce_teacher,
+    codi, kv and ``kv_loss_iter_{t}`` for each key t, as python floats.
+    """
+    present = [x for x in (ce_student, ce_teacher, student_h, teacher_h) if x is not None]
+    if latent_kv:
+        present.append(next(iter(latent_kv.values()))[0])
+    device = present[0].device if present else torch.device("cpu")
+    zero = torch.zeros((), device=device)
+
+    def maybe_grad(weight: float):
+        # nullcontext, not enable_grad: an outer no_grad (validation) must still win.
+        return contextlib.nullcontext() if weight != 0 else torch.no_grad()
+
+    codi = zero
+    if student_h is not None and teacher_h is not None:
+        with maybe_grad(cfg.alpha_codi):
+            codi = codi_loss(student_h, teacher_h, cfg.codi_loss, cfg.codi_layerwise_std)
+
+    kv, iters = zero, {}
+    if latent_kv and teacher_kv is not None:
+        last = max(latent_kv)
+        supervised = [last] if cfg.kv_supervision == "last" else [t for t in latent_kv if t >= 1] or [last]
+        for t in sorted(latent_kv):
+            k, v = latent_kv[t]
+            with maybe_grad(cfg.alpha_kv if t in supervised else 0.0):
+                iters[t] = kv_loss(k, v, teacher_kv.keys, teacher_kv.values, teacher_kv.slot_mask,
+                                   cfg.kv_loss, cfg.kv_layerwise_std)
+        kv = torch.stack([iters[t] for t in supervised]).mean()
+
+    ce_s = ce_student if ce_student is not None else zero
+    ce_t = ce_teacher if ce_teacher is not None else zero
+    loss = ce_s + cfg.teacher_weight * ce_t
+    if cfg.alpha_codi != 0:
+        loss = loss + cfg.alpha_codi * codi
+    if cfg.alpha_kv != 0:
+        loss = loss + cfg.alpha_kv * kv
+
+    names = ["loss", "ce_student", "ce_teacher", "codi", "kv"] + [f"kv_loss_iter_{t}" for t in iters]
+    vals = [loss, ce_s, ce_t, codi, kv] + list(iters.values())
+    # One stack and one .tolist(): a single device sync for all metrics.
+    flat = torch.stack([x.detach().reshape(()).to(device=device, dtype=torch.float32) for x in vals])
+    return loss, dict(zip(names, flat.tolist()))
