@@ -95,17 +95,19 @@ def add_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
         tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)}, replace_extra_special_tokens=False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    if old_rows < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        _init_new_rows(model, len(tokenizer) - len(missing), len(tokenizer))
+        _init_new_rows(model, old_rows, len(tokenizer))
     return {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
 
 
 @torch.no_grad()
 def _init_new_rows(model: PreTrainedModel, start: int, end: int) -> None:
     # New rows start at the mean embedding: a neutral, in-distribution input (deterministic, cheap).
-    emb = model.get_input_embeddings().weight
-    emb[start:end] = emb[:start].mean(0, keepdim=True)
+    for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if layer is not None:
+            layer.weight[start:end] = layer.weight[:start].mean(0, keepdim=True)
 
 
 def apply_lora(model: PreTrainedModel, cfg: LoraCfg, new_token_ids: list[int]) -> nn.Module:

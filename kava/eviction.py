@@ -97,8 +97,8 @@ def rkv_scores(keys: Tensor, importance: Optional[Tensor], valid: Tensor, lam: f
         redundancy = torch.softmax(logits, dim=-1).nan_to_num(0.0)
         scores = scores + (1 - lam) * redundancy
     if lam != 0:
-        # where, not multiply: garbage (even NaN) importance at padding must not leak.
-        scores = scores + lam * torch.where(vmask, importance.to(dt), 0.0)
+        scores = scores + lam * importance.to(dt)
+    # where, not multiply: garbage (even NaN) importance at padding must not leak.
     return torch.where(vmask, scores, neg_inf)
 
 

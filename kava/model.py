@@ -286,7 +286,8 @@ class KavaModel(nn.Module):
         self.cfg.to_yaml(d / "config.yaml")
         self.tokenizer.save_pretrained(d / "tokenizer")
         if self.cfg.lora.enabled:
-            self.lm.save_pretrained(d / "adapter", safe_serialization=True)
+            # New rows are re-derived on load (mean init), the trainable-token deltas live in the adapter.
+            self.lm.save_pretrained(d / "adapter", safe_serialization=True, save_embedding_layers=False)
         else:
             self.lm.save_pretrained(d / "model", safe_serialization=True)
         if self.projection.enabled:

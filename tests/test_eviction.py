@@ -132,6 +132,9 @@ def test_redundancy_prefers_distinct_keys():
 @pytest.mark.parametrize("order", ["time", "score"])
 def test_compress_matches_reference(ndim, method, order):
     keys, values, importance, valid = make_inputs(ndim, seed=2)
+    if method == "importance":
+        # Shrink I below the spread of R, so any leftover redundancy term would change the ranking.
+        importance = importance * 1e-3
     if method == "crop":
         scores = ref_crop_scores(keys.shape[:-1], valid)
     else:

@@ -1,0 +1,240 @@
+"""KavaModel invariants: padding/batch invariance, Jacobi = sequential, importance = eager rows, gradients, save/load."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from kava.data import Example
+from kava.data.collate import collate_student, collate_teacher
+from kava.model import KavaModel
+
+EXAMPLES = [
+    Example("Tom has 5 apples and buys 3 more. How many apples does he have?", ["<<5+3=8>>", "<<8*2=16>>"], "16"),
+    Example("Sara reads 12 pages", ["<<12*4=48>>"], "48"),
+    Example("Each box holds 7 pens. There are 9 boxes, 3 are empty. How many pens are in the full boxes?",
+            ["<<9-3=6>>", "<<6*7=42>>", "<<42+1=43>>"], "42"),
+    Example("A cat", ["<<1+1=2>>"], "2"),
+]
+ATOL = 1e-5
+
+
+def perturb_trainables(model: KavaModel, seed: int = 1) -> None:
+    """LoRA B starts at zero; give every trainable tensor random values so tests see the adapters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def make_model(model_dir, **overrides) -> KavaModel:
+    model = KavaModel.from_config(tiny_config(model_dir, **overrides))
+    perturb_trainables(model)
+    return model.eval()
+
+
+def batches(model, examples):
+    segs = [model.encoder.segments(e) for e in examples]
+    return collate_teacher(segs, model.encoder.pad), collate_student(segs, model.encoder.pad)
+
+
+def test_special_tokens_and_frozen_base(tiny_dir):
+    model = KavaModel.from_config(tiny_config(tiny_dir))
+    vocab = model.tokenizer.get_vocab()
+    for tok in ("<bot>", "<eot>", "<latent>"):
+        assert tok in vocab
+    assert model.decoder_stack.embed_tokens.weight.shape[0] >= len(model.tokenizer) if hasattr(
+        model.decoder_stack.embed_tokens, "weight") else True
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and any("lora_B" in n for n in trainable)
+    assert any("trainable_tokens_delta" in n for n in trainable)
+    assert any(n.startswith("projection.") for n in trainable)
+    frozen_base = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert any("mlp" in n for n in frozen_base) and any("base_layer" in n for n in frozen_base)
+    assert not any("mlp" in n for n in trainable)
+
+
+def test_projection_switch(tiny_llama_dir):
+    model = make_model(tiny_llama_dir, **{"latent.use_projection": "false"})
+    assert not any(n.startswith("projection.") for n, _ in model.named_parameters())
+    h = torch.randn(2, 3, model.config.hidden_size)
+    assert torch.equal(model.projection(h), h)
+
+
+@pytest.mark.parametrize("mode", ["jacobi", "sequential"])
+def test_batch_invariance(tiny_dir, mode):
+    """Each example alone == inside a batch padded with longer and shorter examples."""
+    model = make_model(tiny_dir, **{"latent.mode": mode})
+    tb_all, sb_all = batches(model, EXAMPLES)
+    with torch.no_grad():
+        t_all = model.teacher(tb_all)
+        c_all = model.compress_teacher_kv(t_all)
+        s_all = model.student(sb_all)
+        g_all = model.generate([e.question for e in EXAMPLES], mode="latent", max_new_tokens=4)
+        gc_all = model.generate([e.question for e in EXAMPLES], mode="cot", max_new_tokens=6)
+    final = max(s_all.trace.latent_kv)
+    for i, ex in enumerate(EXAMPLES):
+        tb, sb = batches(model, [ex])
+        with torch.no_grad():
+            t = model.teacher(tb)
+            c = model.compress_teacher_kv(t)
+            s = model.student(sb)
+            g = model.generate([ex.question], mode="latent", max_new_tokens=4)
+            gc = model.generate([ex.question], mode="cot", max_new_tokens=6)
+        torch.testing.assert_close(s.trace.latents[0], s_all.trace.latents[i], atol=ATOL, rtol=0)
+        for it in s.trace.latent_kv:
+            for a, b in zip(s.trace.latent_kv[it], s_all.trace.latent_kv[it]):
+                torch.testing.assert_close(a[0], b[i], atol=ATOL, rtol=0)
+        torch.testing.assert_close(s.hidden[0], s_all.hidden[i], atol=ATOL, rtol=0)
+        torch.testing.assert_close(s.ce, model.student(batches(model, [ex])[1]).ce, atol=ATOL, rtol=0)
+        n = int(tb.cot_valid.sum())
+        torch.testing.assert_close(t.importance[0, ..., :n], t_all.importance[i, ..., :n], atol=ATOL, rtol=0)
+        torch.testing.assert_close(t.cot_keys[0, ..., :n, :], t_all.cot_keys[i, ..., :n, :], atol=ATOL, rtol=0)
+        torch.testing.assert_close(t.hidden[0], t_all.hidden[i], atol=ATOL, rtol=0)
+        torch.testing.assert_close(c.keys[0], c_all.keys[i], atol=ATOL, rtol=0)
+        torch.testing.assert_close(c.values[0], c_all.values[i], atol=ATOL, rtol=0)
+        assert torch.equal(c.index[0], c_all.index[i]) and torch.equal(c.slot_mask[0], c_all.slot_mask[i])
+        assert g.token_ids[0] == g_all.token_ids[i] and g.forward_passes[0] == g_all.forward_passes[i]
+        assert gc.token_ids[0] == gc_all.token_ids[i]
+    assert final >= 0
+
+
+def test_student_logits_batch_invariant(tiny_llama_dir):
+    """Answer-pass logits of one example equal its logits inside a padded batch."""
+    model = make_model(tiny_llama_dir)
+    _, sb_all = batches(model, EXAMPLES)
+    with torch.no_grad():
+        ce_each = [model.student(batches(model, [e])[1]).ce for e in EXAMPLES]
+        # Per-example CE recovered from the batch by masking the others' labels.
+        for i in range(len(EXAMPLES)):
+            labels = sb_all.suffix_labels.clone()
+            labels[torch.arange(len(EXAMPLES)) != i] = -100
+            sb_i = type(sb_all)(**{**sb_all.__dict__, "suffix_labels": labels})
+            torch.testing.assert_close(model.student(sb_i).ce, ce_each[i], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("M", [3, 5])
+def test_jacobi_reproduces_sequential(tiny_dir, M):
+    seq = make_model(tiny_dir, **{"latent.mode": "sequential", "latent.num_tokens": M})
+    jac = make_model(tiny_dir, **{"latent.mode": "jacobi", "latent.num_tokens": M, "latent.num_iterations": M})
+    jac.load_state_dict(seq.state_dict())
+    _, sb = batches(seq, EXAMPLES)
+    with torch.no_grad():
+        ts = seq.latent_reasoning(sb.prefix_ids, sb.prefix_mask)
+        tj = jac.latent_reasoning(sb.prefix_ids, sb.prefix_mask, keep_history=True)
+    torch.testing.assert_close(tj.latents, ts.latents, atol=ATOL, rtol=0)
+    torch.testing.assert_close(tj.consumed, ts.latents, atol=ATOL, rtol=0)
+    (ks, vs), (kj, vj) = ts.latent_kv[max(ts.latent_kv)], tj.latent_kv[M]
+    torch.testing.assert_close(kj, ks, atol=ATOL, rtol=0)
+    torch.testing.assert_close(vj, vs, atol=ATOL, rtol=0)
+    # After iteration t, slots 1..t+1 already match sequential decoding.
+    for t, z in enumerate(tj.history):
+        k = min(t + 1, M)
+        torch.testing.assert_close(z[:, :k], ts.latents[:, :k], atol=ATOL, rtol=0)
+        if k < M:
+            assert not torch.allclose(z[:, k:], ts.latents[:, k:], atol=1e-3)
+    # The answer pass then sees the same cache: same student loss.
+    with torch.no_grad():
+        torch.testing.assert_close(jac.student(sb).ce, seq.student(sb).ce, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("softmax_over", ["cot", "row"])
+@pytest.mark.parametrize("queries", ["prompt_and_answer", "answer"])
+def test_importance_matches_eager_attention(tiny_dir, softmax_over, queries):
+    model = make_model(tiny_dir, **{"eviction.importance_softmax": softmax_over, "eviction.importance_queries": queries})
+    segs = [model.encoder.segments(e) for e in EXAMPLES]
+    tb = collate_teacher(segs, model.encoder.pad, importance_queries=queries)
+    with torch.no_grad():
+        imp = model.teacher(tb).importance  # [B, L, Hkv, Nc]
+        base = model.lm.get_base_model()
+        base.set_attn_implementation("eager")
+        try:
+            out = model.decoder_stack(input_ids=tb.input_ids, attention_mask=tb.attention_mask,
+                                      position_ids=tb.position_ids, output_attentions=True)
+        finally:
+            base.set_attn_implementation("kava_sdpa")
+    att = torch.stack(out.attentions, 1)  # [B, L, Hq, N, N]
+    B, L, Hq = att.shape[:3]
+    Hkv = model.config.num_key_value_heads
+    for b in range(B):
+        q = tb.query_index[b][tb.query_valid[b]]
+        c = tb.cot_index[b][tb.cot_valid[b]]
+        rows = att[b][:, :, q][:, :, :, c]  # [L, Hq, Na, Nc]
+        if softmax_over == "cot":
+            rows = rows / rows.sum(-1, keepdim=True)
+        ref = rows.mean(2).view(L, Hkv, Hq // Hkv, -1).amax(2)
+        torch.testing.assert_close(imp[b, :, :, : len(c)], ref, atol=1e-6, rtol=1e-5)
+        assert torch.all(imp[b, :, :, len(c):] == 0)
+
+
+def test_gradients_teacher_detached_student_trained(tiny_llama_dir):
+    model = make_model(tiny_llama_dir, **{"loss.alpha_kv": 1.0})
+    model.train()
+    tb, sb = batches(model, EXAMPLES)
+    t = model.teacher(tb)
+    assert not t.cot_keys.requires_grad and not t.cot_values.requires_grad and not t.hidden.requires_grad
+    assert t.ce.requires_grad  # the teacher CE trains the shared weights
+    s = model.student(sb)
+    k_last, v_last = s.trace.latent_kv[max(s.trace.latent_kv)]
+    assert k_last.requires_grad and v_last.requires_grad
+    compressed = model.compress_teacher_kv(t)
+    from kava.losses import kv_loss
+
+    kv = kv_loss(k_last, v_last, compressed.keys, compressed.values, compressed.slot_mask)
+    gk, gv = torch.autograd.grad(kv, [k_last, v_last], retain_graph=True)
+    assert gk.abs().sum() > 0 and gv.abs().sum() > 0
+    kv.backward()
+    named = dict(model.named_parameters())
+    for key in ("projection.net.0.weight", ):
+        assert named[key].grad is not None and named[key].grad.abs().sum() > 0
+    assert any("lora_B" in n and p.grad is not None and p.grad.abs().sum() > 0 for n, p in named.items())
+    assert any("trainable_tokens_delta" in n and p.grad is not None and p.grad.abs().sum() > 0 for n, p in named.items())
+    for n, p in named.items():
+        if not p.requires_grad:
+            assert p.grad is None, n
+
+
+def test_kv_supervision_all_changes_gradient(tiny_llama_dir):
+    grads = {}
+    for mode in ("last", "all"):
+        model = make_model(tiny_llama_dir, **{"loss.kv_supervision": mode, "loss.alpha_codi": 0.0})
+        tb, sb = batches(model, EXAMPLES)
+        loss, metrics = model.training_loss(tb, sb)
+        assert {"kv_loss_iter_1", "kv_loss_iter_2"} <= set(metrics)
+        loss.backward()
+        grads[mode] = model.projection.net[0].weight.grad.clone()
+    assert not torch.allclose(grads["last"], grads["all"])
+
+
+def test_save_load_roundtrip(tiny_dir, tmp_path):
+    model = make_model(tiny_dir)
+    questions = [e.question for e in EXAMPLES]
+    before = model.generate(questions, mode="latent", max_new_tokens=5)
+    before_cot = model.generate(questions, mode="cot", max_new_tokens=5)
+    model.save(tmp_path / "ckpt")
+    loaded = KavaModel.load(tmp_path / "ckpt").eval()
+    after = loaded.generate(questions, mode="latent", max_new_tokens=5)
+    assert after.token_ids == before.token_ids
+    assert loaded.generate(questions, mode="cot", max_new_tokens=5).token_ids == before_cot.token_ids
+    torch.testing.assert_close(after.latents, before.latents, atol=0, rtol=0)
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+def test_load_refuses_mismatched_config(tiny_llama_dir, tmp_path):
+    from kava.config import ConfigError
+
+    model = make_model(tiny_llama_dir)
+    model.save(tmp_path / "ckpt")
+    other = tiny_config(tiny_llama_dir, **{"latent.num_tokens": 7})
+    with pytest.raises(ConfigError, match="latent.num_tokens"):
+        KavaModel.load(tmp_path / "ckpt", expect=other)
+
+
+def test_forward_pass_count(tiny_llama_dir):
+    model = make_model(tiny_llama_dir, **{"latent.num_iterations": 2})
+    g = model.generate([e.question for e in EXAMPLES], mode="latent", max_new_tokens=4)
+    assert g.forward_passes == [1 + 2 + n for n in g.generated_tokens]
+    gc = model.generate([e.question for e in EXAMPLES], mode="cot", max_new_tokens=4)
+    assert gc.forward_passes == gc.generated_tokens
