@@ -260,18 +260,24 @@ def dataset_label(name: str) -> str:
     return key if key in BENCHMARKS else name
 
 
+def check_checkpoint(checkpoint: str | Path) -> Path:
+    """Fail early, with one clear line, when ``checkpoint`` is not a checkpoint directory."""
+    p = Path(checkpoint)
+    if not p.exists():
+        raise FileNotFoundError(f"{checkpoint}: checkpoint not found")
+    if not p.is_dir() or not (p / "config.yaml").is_file():
+        raise FileNotFoundError(f"{checkpoint}: not a KaVa checkpoint directory (no config.yaml)")
+    return p
+
+
 def load_checkpoint(checkpoint: str | Path, device: str | None = None):
     """Load a checkpoint for inference on ``device`` (default: cuda when available)."""
+    check_checkpoint(checkpoint)
     import torch
 
     from kava.model import KavaModel
 
-    p = Path(checkpoint)
-    if not p.exists():
-        raise FileNotFoundError(f"{checkpoint}: checkpoint not found")
-    if not p.is_dir():
-        raise FileNotFoundError(f"{checkpoint}: not a checkpoint directory")
-    model = KavaModel.load(p)
+    model = KavaModel.load(Path(checkpoint))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval()
@@ -345,7 +351,9 @@ def run_eval(
         from kava.data.formats import DataError
 
         raise DataError("no dataset given (expected gsm8k, gsm-hard, svamp, multiarith or a file path)")
-    # Load the data first: a bad path should fail before a slow model load.
+    if model is None:
+        check_checkpoint(checkpoint)
+    # Load the data before the model: a bad path should fail before a slow model load.
     loaded = []
     for name in datasets:
         res = load_dataset(name, question_field, answer_field)
