@@ -45,7 +45,13 @@ def decode_latents(model, latents: torch.Tensor, k: int = 5) -> list[list[list[s
     k = max(1, min(k, logits.shape[-1]))
     ids = logits.topk(k, dim=-1).indices.tolist()
     tok = model.tokenizer
-    return [[[tok.decode([i]) for i in slot] for slot in row] for row in ids]
+
+    def show(i: int) -> str:
+        s = tok.decode([i])
+        # a lone byte of a multi-byte character decodes to U+FFFD: show the raw token instead
+        return tok.convert_ids_to_tokens(i) if "\ufffd" in s else s
+
+    return [[[show(i) for i in slot] for slot in row] for row in ids]
 
 
 # ----------------------------------------------------------------------------
@@ -134,7 +140,7 @@ def kv_similarity(model, examples: Sequence[Example], batch_size: int | None = N
 def _cell(tokens: Sequence[str]) -> str:
     shown = []
     for t in tokens:
-        s = json.dumps(t, ensure_ascii=False)[1:-1]  # escapes newlines, keeps spaces visible inside backticks
+        s = "".join(ch if ch.isprintable() else f"\\u{ord(ch):04x}" for ch in t)  # newlines etc. escaped
         s = s.replace("`", "'").replace("|", "\\|")
         shown.append(f"`{s}`" if s.strip() else f"`{s or '∅'}`")
     return " ".join(shown)
@@ -156,9 +162,8 @@ def latent_table(rows: Sequence[dict[str, Any]], k: int = 3) -> str:
 
 
 def _heatmaps(sim: torch.Tensor, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    # Agg canvases on bare Figures: no pyplot, no global backend switch, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     L, M, _ = sim.shape
@@ -166,9 +171,10 @@ def _heatmaps(sim: torch.Tensor, out: Path) -> list[str]:
     written = []
     for layer in range(L):
         fig = Figure(figsize=(5, 4.2))
+        FigureCanvasAgg(fig)
         ax = fig.add_subplot(1, 1, 1)
         im = ax.imshow(arr[layer], vmin=-1, vmax=1, cmap="RdBu_r", interpolation="nearest")
-        ax.set_title(f"layer {layer}: student latent KV vs compressed teacher KV")
+        ax.set_title(f"layer {layer}: KV cosine, student vs teacher", fontsize=10)
         ax.set_xlabel("teacher slot (kept CoT entry)")
         ax.set_ylabel("student latent")
         fig.colorbar(im, ax=ax, label="cosine")
@@ -179,6 +185,7 @@ def _heatmaps(sim: torch.Tensor, out: Path) -> list[str]:
     cols = min(L, 4)
     rows = math.ceil(L / cols)
     fig = Figure(figsize=(3.2 * cols + 1, 3 * rows))
+    FigureCanvasAgg(fig)
     axes = [fig.add_subplot(rows, cols, i + 1) for i in range(L)]
     im = None
     for layer, ax in enumerate(axes):
@@ -222,7 +229,7 @@ def run_analyze(
     from kava.answers import extract_answer
 
     if model is None:
-        check_checkpoint(checkpoint)
+        checkpoint = check_checkpoint(checkpoint)
     res = load_dataset(data, question_field, answer_field)
     examples = res.examples[:limit] if limit and limit > 0 else res.examples
     if model is None:

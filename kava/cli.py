@@ -164,8 +164,10 @@ def cmd_train(args) -> int:
     try:
         final = train.run_training(cfg, args.output, resume=args.resume)
     except KeyboardInterrupt:
-        log.warning("training interrupted")
-        return 0
+        # A first SIGINT/SIGTERM makes run_training save and return normally (exit 0, above);
+        # this is a second Ctrl-C that cut the run short without a checkpoint for the current step.
+        print(f"{PROG}: training interrupted", file=sys.stderr)
+        return 130
     except train.TrainingAborted as e:
         print(f"{PROG}: error: training aborted: {e}", file=sys.stderr)
         return EXIT_FAILURE

@@ -261,23 +261,34 @@ def dataset_label(name: str) -> str:
 
 
 def check_checkpoint(checkpoint: str | Path) -> Path:
-    """Fail early, with one clear line, when ``checkpoint`` is not a checkpoint directory."""
+    """The model directory to load: ``checkpoint`` itself, or the latest complete checkpoint of a
+    training run directory. Fails early, with one clear line, when there is none."""
     p = Path(checkpoint)
     if not p.exists():
         raise FileNotFoundError(f"{checkpoint}: checkpoint not found")
-    if not p.is_dir() or not (p / "config.yaml").is_file():
-        raise FileNotFoundError(f"{checkpoint}: not a KaVa checkpoint directory (no config.yaml)")
-    return p
+    if not p.is_dir():
+        raise FileNotFoundError(f"{checkpoint}: not a directory (expected a KaVa checkpoint directory)")
+    if (p / "kava_meta.json").is_file():
+        return p
+    if (p / "checkpoints").is_dir():
+        from kava.checkpoint import latest_checkpoint
+
+        latest = latest_checkpoint(p)
+        if latest is None:
+            raise FileNotFoundError(f"{checkpoint}: training run without a complete checkpoint")
+        log.info("%s: using its latest checkpoint %s", checkpoint, latest)
+        return latest
+    raise FileNotFoundError(f"{checkpoint}: not a KaVa checkpoint directory (no kava_meta.json)")
 
 
 def load_checkpoint(checkpoint: str | Path, device: str | None = None):
     """Load a checkpoint for inference on ``device`` (default: cuda when available)."""
-    check_checkpoint(checkpoint)
+    path = check_checkpoint(checkpoint)
     import torch
 
     from kava.model import KavaModel
 
-    model = KavaModel.load(Path(checkpoint))
+    model = KavaModel.load(path)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval()
@@ -346,13 +357,13 @@ def run_eval(
     ``mode="cot"`` forces CoT decoding. ``model`` may be passed to skip loading.
     Returns the report dict.
     """
-    datasets = [d for d in datasets if d and d.strip()]
+    datasets = list(dict.fromkeys(d.strip() for d in datasets if d and d.strip()))  # unique, in order
     if not datasets:
         from kava.data.formats import DataError
 
         raise DataError("no dataset given (expected gsm8k, gsm-hard, svamp, multiarith or a file path)")
     if model is None:
-        check_checkpoint(checkpoint)
+        checkpoint = check_checkpoint(checkpoint)
     # Load the data before the model: a bad path should fail before a slow model load.
     loaded = []
     for name in datasets:

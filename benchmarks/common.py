@@ -1,0 +1,429 @@
+"""Shared helpers for the KaVa benchmarks: model building, synthetic batches, timing, memory, output.
+
+Measurement rules (every benchmark follows them):
+
+- **Ratios within one run.** Absolute times on a shared machine are noisy, so every
+  figure we report is a ratio between variants measured in the same process. The
+  variants are interleaved ABBA-style (``a b c``, ``c b a``, ``a b c`` ...) after a
+  warm-up, and the reported ratio is the **median over rounds of the per-round
+  ratio** (both variants of a round ran within seconds of each other). Medians of
+  the absolute times are reported too, for orientation only.
+- **Peak memory** (:func:`peak_memory`) is the peak of *tensor* bytes allocated
+  while the measured call runs, above what was live when it started (weights,
+  optimizer state, the batch). On CUDA: ``torch.cuda.max_memory_allocated`` after
+  ``reset_peak_memory_stats``, minus ``memory_allocated`` before the call. On CPU:
+  the same quantity, replayed from the allocation/free events of the PyTorch CPU
+  allocator recorded by ``torch.profiler`` (``profile_memory=True``). It counts
+  every tensor storage (activations saved for backward, gradients, attention
+  maps, temporaries) and nothing else: not Python objects, not oneDNN/MKL scratch
+  buffers, not allocator caching. It is deterministic, so it is measured in one
+  separate call per variant (the profiler's time overhead does not matter there).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
+    sys.path.insert(0, str(REPO))
+
+from kava.config import KavaConfig  # noqa: E402
+from kava.data.collate import Segments, collate_student, collate_teacher  # noqa: E402
+from kava.model import KavaModel  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------
+# model shapes and building
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shape:
+    """A LLaMA shape. ``vocab=0`` means: the demo tokenizer's size (no extra rows)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int = 0
+    tie: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+SHAPES = {
+    # For --quick smoke runs: seconds, ratios meaningless.
+    "tiny": Shape(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64),
+    # The CPU benchmark model: LLaMA-3.2-1B proportions scaled down (head_dim 64, 4 query heads per KV
+    # head, MLP 4x, tied embeddings, embedding/LM-head ~26% of all weights as in LLaMA-1B) so that the
+    # matmuls, not Python overhead, dominate a training step at 128-512 tokens.
+    "small": Shape(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=2048, vocab=16384),
+    # LLaMA-3.2-1B shape (random weights), for gpu.sh.
+    "llama1b": Shape(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256),
+}
+
+
+def setup_threads(n: int | None = None) -> int:
+    """Default 1 thread: on this shared 2-core machine, 2 OpenMP threads stall at every barrier whenever
+    another job holds a core (a hidden-32 training step measured 500x slower with 2 threads than with 1)."""
+    n = n or int(os.environ.get("BENCH_THREADS", "0")) or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def corpus_texts(n: int = 300) -> list[str]:
+    """Texts of the synthetic demo task (both CoT styles) to train the demo tokenizer on."""
+    from kava.data.synthetic import make_splits
+
+    texts: list[str] = []
+    for style in ("equations", "nl"):
+        train, _ = make_splits(n, 0, seed=123, style=style)
+        texts += [e.question for e in train] + [" ".join(e.steps) + " The answer is: " + e.answer for e in train]
+    return texts
+
+
+def write_random_llama(directory: str | Path, shape: Shape, seed: int = 0, dtype: str = "float32") -> Path:
+    """A random-weight LlamaForCausalLM of ``shape`` plus the 512-token demo tokenizer, saved to ``directory``.
+
+    With ``shape.vocab`` larger than the tokenizer the extra embedding rows are never fed as input but
+    the LM head still computes them (so logits cost what they would with a real vocabulary).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kava.data.tokenizer import build_demo_tokenizer
+
+    directory = Path(directory)
+    tok = build_demo_tokenizer(corpus_texts(), vocab_size=512, save_dir=directory)
+    vocab = max(shape.vocab, len(tok))
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=4096, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, tie_word_embeddings=shape.tie,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(DTYPES[dtype])
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def kava_config(model_path: str | Path, dtype: str = "float32", M: int = 24, T: int = 3, lora_r: int = 32,
+                extra: Iterable[str] = ()) -> KavaConfig:
+    """KaVa defaults (rkv eviction, smooth-L1 KV loss, projection, LoRA on q,k,v,o with alpha/r = 1/4)."""
+    sets = [
+        f"model.name_or_path={model_path}", f"model.dtype={dtype}",
+        f"latent.num_tokens={M}", f"latent.num_iterations={T}",
+        f"lora.r={lora_r}", f"lora.alpha={lora_r / 4}",
+    ]
+    return KavaConfig().override(sets + list(extra))
+
+
+def build_model(args, workdir: str | Path, M: int, T: int, extra: Iterable[str] = ()) -> KavaModel:
+    """KavaModel.from_config on ``--model`` or on a random LLaMA of ``--shape`` written to ``workdir``."""
+    if getattr(args, "model", None):
+        path = args.model
+    else:
+        path = write_random_llama(Path(workdir) / "model", SHAPES[args.shape], dtype=args.dtype)
+    cfg = kava_config(path, args.dtype, M=M, T=T, lora_r=args.lora_r, extra=extra)
+    model = KavaModel.from_config(cfg)
+    return model.to(torch.device(args.device))
+
+
+def describe_model(model: KavaModel) -> dict:
+    c = model.config
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "hidden": c.hidden_size, "layers": c.num_hidden_layers, "heads": c.num_attention_heads,
+        "kv_heads": c.num_key_value_heads, "intermediate": c.intermediate_size, "vocab": c.vocab_size,
+        "params": total, "trainable_params": trainable, "lora_r": model.cfg.lora.r,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "attn_implementation": model.lm.get_base_model().config._attn_implementation,
+    }
+
+
+# ---------------------------------------------------------------------------
+# synthetic batches of an exact teacher length
+# ---------------------------------------------------------------------------
+@dataclass
+class Lengths:
+    """Token counts of one synthetic example: teacher = Q + C + A (A = <eot> P answer <eos>)."""
+
+    Q: int
+    C: int
+    A: int
+
+    @property
+    def teacher(self) -> int:
+        return self.Q + self.C + self.A
+
+    def student(self, M: int, T: int) -> int:
+        return self.Q + (T + 1) * M + self.A
+
+
+def split_lengths(teacher_len: int, prompt_len: int, q_frac: float = 0.35, c_frac: float = 0.55) -> Lengths:
+    """Q ~35%, C ~55%, the rest A (>= the answer prompt + 2 tokens), summing to ``teacher_len``."""
+    Q = max(3, round(q_frac * teacher_len))
+    C = max(1, round(c_frac * teacher_len))
+    A = teacher_len - Q - C
+    need = prompt_len + 2
+    if A < need:  # short sequences: take the missing answer tokens from the question
+        Q -= need - A
+        A = need
+    if Q < 3 or C < 1:
+        raise ValueError(f"teacher_len={teacher_len} is too short for an answer prompt of {prompt_len} tokens")
+    return Lengths(Q, C, A)
+
+
+def synthetic_segments(model: KavaModel, teacher_len: int, batch: int, seed: int = 0) -> tuple[list[Segments], Lengths]:
+    """``batch`` examples of exactly ``teacher_len`` teacher tokens with random ordinary token ids."""
+    enc = model.encoder
+    prompt = [enc.eot] + enc.prompt_ids
+    L = split_lengths(teacher_len, len(prompt))
+    special = {enc.pad, enc.eos, enc.bot, enc.eot, enc.latent, *enc.bos}
+    pool = [i for i in range(len(model.tokenizer)) if i not in special]
+    rng = random.Random(seed)
+    segs = []
+    for _ in range(batch):
+        draw = lambda n: [rng.choice(pool) for _ in range(n)]  # noqa: E731
+        q = enc.bos + draw(L.Q - 1 - len(enc.bos)) + [enc.bot]
+        segs.append(Segments(question=q, cot=draw(L.C), prompt=list(prompt), answer=draw(L.A - len(prompt) - 1) + [enc.eos]))
+    assert all(s.teacher_len == teacher_len for s in segs)
+    return segs, L
+
+
+def make_batches(model: KavaModel, segs: list[Segments], device):
+    cfg = model.cfg
+    tb = collate_teacher(segs, model.encoder.pad, cfg.eviction.importance_queries).to(device)
+    sb = collate_student(segs, model.encoder.pad, cfg.loss.student_ce_on_prompt).to(device)
+    return tb, sb
+
+
+def flop_floor(teacher_tokens: int, student_tokens: int) -> float:
+    """Lower bound of time(KaVa step) / time(CoT-SFT step) from token counts.
+
+    Both steps run forward + backward over every token they process. Under the same cost per
+    token, a KaVa step costs (N_teacher + N_student) / N_teacher CoT-SFT steps, with
+    N_teacher = Q + C + A and N_student = Q + (T + 1) * M + A (pass 0 over Q <bot> + M latent
+    slots, T Jacobi passes over M slots, the answer pass over A = <eot> P answer <eos>).
+    """
+    return (teacher_tokens + student_tokens) / teacher_tokens
+
+
+# ---------------------------------------------------------------------------
+# timing and memory
+# ---------------------------------------------------------------------------
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1, device="cpu",
+                on_round: Callable[[int, dict], None] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each fn, interleaved ABBA: a b c, c b a, a b c, ...
+
+    ``warmup`` rounds run first and are discarded. Python's GC is collected before and
+    disabled during every timed call.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+        sync(device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            gc.collect()
+            gc.disable()
+            try:
+                sync(device)
+                t0 = time.perf_counter()
+                fns[n]()
+                sync(device)
+                times[n].append(time.perf_counter() - t0)
+            finally:
+                gc.enable()
+        if on_round is not None:
+            on_round(r, times)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> dict:
+    """Median (and quartiles) over rounds of times[num][r] / times[den][r]."""
+    rs = sorted(a / b for a, b in zip(times[num], times[den]))
+    q = statistics.quantiles(rs, n=4, method="inclusive") if len(rs) >= 2 else [rs[0]] * 3
+    return {"median": float(statistics.median(rs)), "q1": float(q[0]), "q3": float(q[2]), "n": len(rs)}
+
+
+def peak_memory(fn: Callable[[], Any], device) -> int:
+    """Peak tensor bytes allocated during ``fn()`` above those live at its start (see module doc)."""
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        if e.device_type() == torch.autograd.DeviceType.CPU:
+            cur += e.nbytes()
+            peak = max(peak, cur)
+    return int(peak)
+
+
+@contextlib.contextmanager
+def _quiet_profiler():
+    """Kineto prints a line on start/stop to fd 2; keep benchmark output clean."""
+    try:
+        fd = os.dup(2)
+    except OSError:  # pragma: no cover
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(fd, 2)
+    finally:
+        os.close(fd)
+
+
+def profile_top_ops(fn: Callable[[], Any], top: int = 12) -> list[dict]:
+    """Top ops by self CPU time (CUDA time where available) for one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with _quiet_profiler(), profile(activities=acts) as prof:
+        fn()
+    rows = []
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    for e in sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]:
+        rows.append({"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                     "share": e.self_cpu_time_total / max(total, 1)})
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------
+def env_info(device) -> dict:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    info = {
+        "date": _dt.date.today().isoformat(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_at_start": list(load) if load else None,
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except Exception:  # pragma: no cover
+        pass
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    def fmt(x):
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+        return str(x)
+
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    payload.setdefault("env", {})["loadavg_at_end"] = list(load) if load else None
+    path.write_text(json.dumps(payload, indent=1, default=_jsonable))
+    return path
+
+
+def _jsonable(x):
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if hasattr(x, "__dataclass_fields__"):
+        return asdict(x)
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def mib(n: float) -> float:
+    return n / 2**20
+
+
+def add_common_args(p, name: str, default_shape: str = "small") -> None:
+    p.add_argument("--model", default=None, help="HF model dir or id (default: a random LLaMA of --shape)")
+    p.add_argument("--shape", default=default_shape, choices=sorted(SHAPES), help="random LLaMA shape when --model is not given")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per variant (median over rounds)")
+    p.add_argument("--warmup", type=int, default=1, help="discarded rounds before timing")
+    p.add_argument("--lora-r", type=int, default=32, help="LoRA rank (alpha = r/4)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1, or $BENCH_THREADS)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test (ratios meaningless)")
+    p.add_argument("--out", default=f"runs/bench/{name}.json", help="JSON results file")
+
+
+def finish_common_args(args) -> None:
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    if args.quick and not args.model:
+        args.shape = "tiny"
+    setup_threads(args.threads)
+
+
+def tmpdir():
+    return tempfile.TemporaryDirectory(prefix="kava_bench_")
+
+
+def is_finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -1,0 +1,246 @@
+"""Cost of one optimizer step: CoT-SFT vs the KaVa step vs a naive KaVa step.
+
+Variants (same model, same batch, same AdamW + grad clip; one optimizer step each):
+
+  a  cot    CoT-SFT on the teacher sequences alone: ``training_loss(..., teacher_only=True)``.
+  b  kava   the KaVa step: ``training_loss(teacher_batch, student_batch)`` (rkv eviction, importance
+            captured inside the sdpa wrapper, Jacobi on the cached prefix, logits at labelled positions).
+  c  naive  a straightforward implementation of the same loss, written here:
+            - the teacher runs twice, in eager attention: once with grad for the CE, once under
+              no_grad with ``output_attentions=True`` for the KV / hidden-state targets and for the
+              importance, computed from the returned L x H x N x N attention maps;
+            - the Jacobi loop recomputes ``Q <bot>`` + latents from scratch in every iteration
+              (no prefix-cache reuse); the student passes use sdpa;
+            - teacher and student CE take full-vocabulary logits over the whole sequence.
+
+Reported: the ratios b/a and c/b of time per step (median over interleaved rounds of the
+per-round ratio), of peak tensor memory (common.peak_memory), and the FLOP floor of b/a from
+token counts (common.flop_floor): (N_teacher + N_student) / N_teacher with N_teacher = Q + C + A,
+N_student = Q + (T+1) M + A.
+
+    python benchmarks/step_cost.py                    # hidden-512 8-layer random LLaMA, N = 128 512
+    python benchmarks/step_cost.py --quick            # smoke test
+    python benchmarks/step_cost.py --profile          # + top ops of each variant at the largest N
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common  # noqa: E402
+from kava.data.collate import IGNORE, positions_from_mask  # noqa: E402
+from kava.latent import _split_cache  # noqa: E402
+from kava.losses import total_loss  # noqa: E402
+from kava.model import KavaModel, TeacherOutput  # noqa: E402
+
+VARIANTS = {"a": "cot", "b": "kava", "c": "naive"}
+GOALS = {"b/a <= 1.15 x floor": 1.15, "c/b >= 1.5 at 512": 1.5, "mem c/b >= 2 at 512": 2.0}
+
+
+# ---------------------------------------------------------------------------
+# the naive KaVa loss
+# ---------------------------------------------------------------------------
+def full_vocab_ce(model: KavaModel, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = model.lm_head(hidden)  # [B, N, V]: every position, full vocabulary
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+def importance_from_maps(attentions, tb, Hkv: int) -> torch.Tensor:
+    """[B, L, Hkv, Nc] from eager maps (answer-query rows, CoT columns, softmax over CoT, max per group)."""
+    B = tb.input_ids.shape[0]
+    out = []
+    for att in attentions:  # [B, Hq, N, N]
+        Hq, N = att.shape[1], att.shape[-1]
+        rows = torch.gather(att, 2, tb.query_index[:, None, :, None].expand(B, Hq, -1, N))  # [B, Hq, Na, N]
+        rows = torch.gather(rows, 3, tb.cot_index[:, None, None, :].expand(B, Hq, rows.shape[2], -1))  # [.., Nc]
+        rows = rows * tb.cot_valid[:, None, None, :]
+        rows = rows / rows.sum(-1, keepdim=True).clamp_min(1e-30)
+        w = tb.query_valid[:, None, :, None].to(rows.dtype)
+        mean_q = (rows * w).sum(2) / w.sum(2).clamp_min(1.0)  # [B, Hq, Nc]
+        out.append(mean_q.view(B, Hkv, Hq // Hkv, -1).amax(2).float())
+    return torch.stack(out, 1)
+
+
+def naive_teacher(model: KavaModel, tb) -> TeacherOutput:
+    base = model.lm.get_base_model()
+    previous = base.config._attn_implementation
+    base.set_attn_implementation("eager")
+    try:
+        common_kw = dict(input_ids=tb.input_ids, attention_mask=tb.attention_mask, position_ids=tb.position_ids)
+        out = model.decoder_stack(**common_kw, use_cache=False)
+        ce = full_vocab_ce(model, out.last_hidden_state, tb.labels)
+        with torch.no_grad():
+            tgt = model.decoder_stack(**common_kw, use_cache=True, output_hidden_states=True, output_attentions=True)
+            B = tb.input_ids.shape[0]
+            rows = torch.arange(B, device=tb.input_ids.device)
+            keys, values = [], []
+            for layer in tgt.cache.layers:
+                H, d = layer.keys.shape[1], layer.keys.shape[-1]
+                gi = tb.cot_index[:, None, :, None].expand(B, H, -1, d)
+                keys.append(torch.gather(layer.keys, 2, gi))
+                values.append(torch.gather(layer.values, 2, gi))
+            hidden = torch.stack([h[rows, tb.prompt_last] for h in tgt.hidden_states[1:]], dim=1)
+            importance = importance_from_maps(tgt.attentions, tb, model.config.num_key_value_heads)
+    finally:
+        base.set_attn_implementation(previous)
+    return TeacherOutput(ce=ce, cot_keys=torch.stack(keys, 1), cot_values=torch.stack(values, 1),
+                         cot_valid=tb.cot_valid, hidden=hidden, importance=importance)
+
+
+def naive_student(model: KavaModel, sb):
+    """Jacobi latents recomputing Q <bot> every pass, then the answer pass; full-vocab CE."""
+    lat = model.cfg.latent
+    M, T = lat.num_tokens, lat.num_iterations
+    B, Nq = sb.prefix_ids.shape
+    dev = sb.prefix_ids.device
+    n_valid = sb.prefix_mask.long().sum(-1)
+    latent_pos = n_valid[:, None] + torch.arange(M, device=dev)[None]
+    mask = torch.cat([sb.prefix_mask, sb.prefix_mask.new_ones(B, M)], 1)
+    pos = torch.cat([positions_from_mask(sb.prefix_mask), latent_pos], 1)
+    prefix_emb = model.embed(sb.prefix_ids)
+    z = model.embed(torch.full((B, M), model.special_ids["<latent>"], dtype=torch.long, device=dev))
+    latent_kv = {}
+    out = model._decode(torch.cat([prefix_emb, z], 1), mask, pos, None)
+    _, latent_kv[0] = _split_cache(out.cache, Nq)
+    z = model.projection(out.last_hidden_state[:, Nq - 1: Nq + M - 1])
+    for t in range(1, T + 1):
+        out = model._decode(torch.cat([prefix_emb, z], 1), mask, pos, None)  # the prefix again, from scratch
+        _, latent_kv[t] = _split_cache(out.cache, Nq)
+        z = torch.cat([z[:, :1], model.projection(out.last_hidden_state[:, Nq:-1])], 1)
+    ans = model._decode(model.embed(sb.suffix_ids), torch.cat([mask, sb.suffix_mask], 1),
+                        positions_from_mask(sb.suffix_mask, n_valid + M), out.cache, output_hidden_states=True)
+    ce = full_vocab_ce(model, ans.last_hidden_state, sb.suffix_labels)
+    hidden = torch.stack([h[:, sb.prompt_last] for h in ans.hidden_states[1:]], dim=1)
+    return ce, hidden, latent_kv
+
+
+def naive_loss(model: KavaModel, tb, sb):
+    t = naive_teacher(model, tb)
+    ce_s, hidden_s, latent_kv = naive_student(model, sb)
+    compressed = model.compress_teacher_kv(t)
+    return total_loss(ce_student=ce_s, ce_teacher=t.ce, student_h=hidden_s, teacher_h=t.hidden,
+                      latent_kv=latent_kv, teacher_kv=compressed, cfg=model.cfg.loss)
+
+
+# ---------------------------------------------------------------------------
+# one optimizer step per variant
+# ---------------------------------------------------------------------------
+def make_steps(model: KavaModel, tb, sb, grad_clip: float = 2.0):
+    params = [p for p in model.parameters() if p.requires_grad]
+    # A tiny lr: weights barely move, so every round measures the same model (and no denormals).
+    opt = torch.optim.AdamW(params, lr=1e-7, weight_decay=0.1)
+
+    def step(loss_fn):
+        def run():
+            loss, _ = loss_fn()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+
+    return {
+        "a": step(lambda: model.training_loss(tb, sb, teacher_only=True)),
+        "b": step(lambda: model.training_loss(tb, sb)),
+        "c": step(lambda: naive_loss(model, tb, sb)),
+    }
+
+
+def check_naive_matches(model: KavaModel, tb, sb) -> float:
+    """|loss(naive) - loss(kava)| with dropout off: the naive step computes the same objective."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            a, _ = model.training_loss(tb, sb)
+            b, _ = naive_loss(model, tb, sb)
+        return abs(float(a) - float(b))
+    finally:
+        model.train(was)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(p, "step_cost")
+    p.add_argument("--teacher-len", type=int, nargs="+", default=None, help="teacher tokens per example (default 128 512)")
+    p.add_argument("--batch", type=int, default=None, help="examples per step (default 4)")
+    p.add_argument("--M", type=int, default=None, help="latent tokens (default 24)")
+    p.add_argument("--T", type=int, default=None, help="Jacobi iterations (default 3)")
+    p.add_argument("--profile", action="store_true", help="also record the top ops of each variant at the largest length")
+    args = p.parse_args(argv)
+    common.finish_common_args(args)
+    q = args.quick
+    lens = args.teacher_len or ([48] if q else [128, 512])
+    batch = args.batch or (2 if q else 4)
+    M = args.M or (3 if q else 24)
+    T = args.T if args.T is not None else (1 if q else 3)
+    repeats = args.repeats or (1 if q else 7)
+    device = torch.device(args.device)
+
+    with common.tmpdir() as work:
+        model = common.build_model(args, work, M, T)
+    model.train()
+    info = common.describe_model(model)
+    results = []
+    for n in lens:
+        segs, L = common.synthetic_segments(model, n, batch)
+        tb, sb = common.make_batches(model, segs, device)
+        steps = make_steps(model, tb, sb)
+        mismatch = check_naive_matches(model, tb, sb)
+        mem = {k: common.peak_memory(fn, device) for k, fn in steps.items()}
+        times = common.interleaved(steps, repeats=repeats, warmup=args.warmup, device=device)
+        floor = common.flop_floor(L.teacher, L.student(M, T))
+        r_ba = common.paired_ratio(times, "b", "a")
+        r_cb = common.paired_ratio(times, "c", "b")
+        row = {
+            "teacher_len": n, "batch": batch, "M": M, "T": T,
+            "tokens": {"Q": L.Q, "C": L.C, "A": L.A, "teacher": L.teacher, "student": L.student(M, T)},
+            "time_s_median": {VARIANTS[k]: common.median(v) for k, v in times.items()},
+            "time_s_all": {VARIANTS[k]: v for k, v in times.items()},
+            "peak_mem_bytes": {VARIANTS[k]: v for k, v in mem.items()},
+            "ratios": {
+                "time_b/a": r_ba["median"], "time_c/b": r_cb["median"],
+                "mem_b/a": mem["b"] / mem["a"], "mem_c/b": mem["c"] / mem["b"],
+                "flop_floor_b/a": floor, "time_b/a_over_floor": r_ba["median"] / floor,
+            },
+            "ratio_quartiles": {"time_b/a": r_ba, "time_c/b": r_cb},
+            "naive_loss_abs_diff": mismatch,
+        }
+        row["goals"] = {
+            "b/a <= 1.15 x floor": row["ratios"]["time_b/a_over_floor"] <= 1.15,
+        }
+        if n >= 512:
+            row["goals"]["c/b >= 1.5"] = row["ratios"]["time_c/b"] >= 1.5
+            row["goals"]["mem c/b >= 2"] = row["ratios"]["mem_c/b"] >= 2.0
+        if args.profile and n == max(lens):
+            row["top_ops"] = {VARIANTS[k]: common.profile_top_ops(fn) for k, fn in steps.items()}
+        results.append(row)
+        print(f"[step_cost] N={n}: b/a={r_ba['median']:.3f} (floor {floor:.3f}) c/b={r_cb['median']:.3f} "
+              f"mem b/a={row['ratios']['mem_b/a']:.2f} c/b={row['ratios']['mem_c/b']:.2f}", file=sys.stderr, flush=True)
+        del steps, tb, sb
+
+    headers = ["N teacher", "Q/C/A", "N student", "t(a) s", "t(b) s", "t(c) s", "b/a", "floor b/a",
+               "(b/a)/floor", "c/b", "mem a MiB", "mem b MiB", "mem c MiB", "mem b/a", "mem c/b"]
+    rows = []
+    for r in results:
+        t, m, x = r["time_s_median"], r["peak_mem_bytes"], r["ratios"]
+        rows.append([r["teacher_len"], f"{r['tokens']['Q']}/{r['tokens']['C']}/{r['tokens']['A']}", r["tokens"]["student"],
+                     t["cot"], t["kava"], t["naive"], x["time_b/a"], x["flop_floor_b/a"], x["time_b/a_over_floor"],
+                     x["time_c/b"], common.mib(m["cot"]), common.mib(m["kava"]), common.mib(m["naive"]),
+                     x["mem_b/a"], x["mem_c/b"]])
+    print(common.markdown_table(headers, rows))
+    payload = {"benchmark": "step_cost", "env": common.env_info(device), "model": info,
+               "args": {k: v for k, v in vars(args).items()}, "repeats": repeats, "results": results}
+    common.write_json(args.out, payload)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,640 @@
+"""Training: setup -> data -> loop -> validation -> checkpoint.
+
+Reads top to bottom:
+
+1. :func:`run_training` — the entry point: resolves the config, builds the
+   :class:`~accelerate.Accelerator`, the model, the data, the optimizer and the
+   schedule, resumes from a checkpoint when asked, then calls :func:`fit`.
+2. :func:`prepare_data` — load, filter, report (``data_report.json``).
+3. :func:`global_batch` / :func:`my_micro_batches` — the deterministic data order.
+4. :func:`train_step` — one optimizer step over one global batch (gradient
+   accumulation over micro-batches, clipping, the non-finite guard).
+5. :func:`fit` — the loop: logging, validation, checkpoints, signals.
+6. :func:`validate` — loss and accuracy on the validation examples.
+
+Determinism. The data order is a pure function of ``(train.seed, global step)``:
+epoch ``e`` is a permutation of the example indices drawn from a generator
+seeded with ``seed + e``, cut into global batches of ``train.global_batch_size``
+(the last one wraps around to the start of the same permutation). Each global
+batch is split into micro-batches of ``train.micro_batch_size``; with P
+processes, process r takes micro-batches r, r+P, ... Before each micro-batch
+the torch RNG (dropout) and the random-eviction generator are seeded from
+``(seed, step, micro-batch index)``. So resuming from a checkpoint, or running
+on a different number of processes, sees the same examples with the same
+random draws.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kava.answers import answers_match, extract_answer
+from kava.checkpoint import (
+    CHECKPOINTS,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    step_dir_name,
+)
+from kava.config import ConfigError, KavaConfig
+from kava.data import Example
+from kava.data.collate import collate_student, collate_teacher
+from kava.data.filters import apply_filters, format_counts
+from kava.data.formats import BENCHMARKS, DataError, load_examples
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS_DIR = REPO / "configs"
+
+
+class TrainingAborted(RuntimeError):
+    """Training stopped because too many consecutive steps had a non-finite loss or gradient norm."""
+
+
+def preset_path(name: str) -> Path:
+    """``configs/<name>.yaml`` of this repository; a ConfigError lists the presets when unknown."""
+    stem = name[:-5] if name.endswith(".yaml") else name
+    path = PRESETS_DIR / f"{stem}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {name!r} (available: {', '.join(known) or 'none'})")
+    return path
+
+
+def _info(msg: str, accelerator=None) -> None:
+    if accelerator is None or accelerator.is_main_process:
+        from tqdm import tqdm
+
+        tqdm.write(msg)
+
+
+def _warn(msg: str, accelerator=None) -> None:
+    if accelerator is None or accelerator.is_main_process:
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+
+# ============================================================================
+# 1. entry point
+# ============================================================================
+@dataclass
+class TrainState:
+    """What the loop needs to continue exactly; saved as ``train_state.json`` in every checkpoint."""
+
+    step: int = 0  # completed optimizer steps (skipped bad steps included)
+    epoch: int = 0  # epoch of the next global batch
+    batch_in_epoch: int = 0  # index of the next global batch inside its epoch
+    examples_seen: int = 0
+    bad_steps_total: int = 0
+    consecutive_bad_steps: int = 0
+    max_steps: int = 0
+    steps_per_epoch: int = 0
+    n_train: int = 0
+    data_fingerprint: str = ""
+    seed: int = 0
+    global_batch_size: int = 0
+    world_size: int = 1
+    data_counts: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built once by :func:`run_training`."""
+
+    cfg: KavaConfig
+    out: Path
+    accelerator: Any
+    model: nn.Module  # the prepared LossModule (DDP-wrapped under several processes)
+    kava: nn.Module  # the plain KavaModel
+    optimizer: Any
+    scheduler: Any
+    train: list[Example]
+    eval: list[Example]
+    state: TrainState
+    log: "MetricsLog"
+
+
+class LossModule(nn.Module):
+    """Gives DDP/FSDP (and autocast) a ``forward``: one call of ``KavaModel.training_loss``."""
+
+    def __init__(self, kava: nn.Module):
+        super().__init__()
+        self.kava = kava
+
+    def forward(self, teacher, student, generator=None, teacher_only: bool = False):
+        return self.kava.training_loss(teacher, student, generator=generator, teacher_only=teacher_only)
+
+
+def run_training(cfg: KavaConfig, output_dir: str | Path, resume: str | Path | None = None, *,
+                 stop_after_steps: int | None = None) -> Path:
+    """Train ``cfg`` into ``output_dir``; return the final checkpoint directory.
+
+    ``resume``: a run directory (its latest complete checkpoint) or a checkpoint directory.
+    ``stop_after_steps``: stop (with a checkpoint) after this many steps in this call, as a
+    time-boxed job would; ``--resume`` continues with the same schedule and data order.
+    SIGTERM / SIGINT finish the current step, save a checkpoint and return it.
+    """
+    from kava.model import KavaModel
+
+    cfg = cfg.resolved()
+    if cfg.method == "nocot" and cfg.train.curriculum_cot_steps > 0:
+        raise ConfigError("train.curriculum_cot_steps must be 0 for method=nocot (it has no CoT teacher to warm up)")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = resolve_resume(resume) if resume is not None else None
+    if checkpoint is None and latest_checkpoint(out) is not None:
+        raise ConfigError(f"{out} already holds checkpoints of an earlier run; resume it (--resume {out}) or choose a new output dir")
+
+    accelerator = make_accelerator(cfg)
+    if accelerator.is_main_process:
+        cfg.to_yaml(out / "config.yaml")
+    kava = KavaModel.from_config(cfg)  # seeds torch with train.seed before the LoRA init
+    train, evals, report = prepare_data(cfg, kava.encoder, accelerator)
+    if accelerator.is_main_process:
+        (out / "data_report.json").write_text(json.dumps(report, indent=1))
+    if cfg.method == "cot":  # the latent machinery is unused: keep it out of the optimizer
+        kava.projection.requires_grad_(False)
+
+    kava.to(accelerator.device)
+    optimizer = build_optimizer(cfg, kava)
+    steps_per_epoch = math.ceil(len(train) / cfg.train.global_batch_size)
+    max_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
+    scheduler = build_scheduler(cfg, optimizer, max_steps)
+    micro_total = cfg.train.global_batch_size // cfg.train.micro_batch_size
+    if micro_total % accelerator.num_processes:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size}: its {micro_total} micro-batches of "
+            f"{cfg.train.micro_batch_size} cannot be shared evenly by {accelerator.num_processes} processes"
+        )
+
+    state = TrainState(max_steps=max_steps, steps_per_epoch=steps_per_epoch, n_train=len(train),
+                       data_fingerprint=fingerprint(train), seed=cfg.train.seed,
+                       global_batch_size=cfg.train.global_batch_size, world_size=accelerator.num_processes,
+                       data_counts=report["train"]["filters"])
+    if checkpoint is not None:
+        saved = TrainState.from_dict(load_checkpoint(checkpoint, kava, optimizer, scheduler))
+        check_resumable(saved, state, checkpoint)
+        state = TrainState(**{**asdict(saved), "max_steps": max_steps, "world_size": accelerator.num_processes})
+        _info(f"resumed from {checkpoint} at step {state.step}/{max_steps}", accelerator)
+
+    model, optimizer = accelerator.prepare(LossModule(kava), optimizer)
+    run = Run(cfg=cfg, out=out, accelerator=accelerator, model=model, kava=kava, optimizer=optimizer,
+              scheduler=scheduler, train=train, eval=evals, state=state,
+              log=MetricsLog(out, accelerator.is_main_process, cfg.train.tensorboard, resume_step=state.step if checkpoint else None))
+    try:
+        return fit(run, stop_after_steps=stop_after_steps)
+    finally:
+        run.log.close()
+
+
+def make_accelerator(cfg: KavaConfig):
+    """Accelerator with the configured mixed precision (``auto``: bf16 on a GPU that has it, else none)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    mp = cfg.train.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # Steps that leave parameters unused (teacher-only curriculum, cot, nocot) need DDP to look for them.
+    unused = not cfg.uses_latents or cfg.train.curriculum_cot_steps > 0
+    # Several processes (torchrun / accelerate launch) and no GPU: accelerate needs cpu=True to use gloo.
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=mp, cpu=cpu,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
+
+
+def build_optimizer(cfg: KavaConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters only (LoRA, new-token rows, projection; or all for full FT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("nothing to train: no parameter requires a gradient (check lora.*)")
+    t = cfg.train
+    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+
+
+def build_scheduler(cfg: KavaConfig, optimizer, max_steps: int):
+    """Linear warm-up over ``ceil(warmup_ratio * max_steps)`` steps, then cosine to ``lr * min_lr_ratio``."""
+    warmup = math.ceil(cfg.train.warmup_ratio * max_steps)
+    floor = cfg.train.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def check_resumable(saved: TrainState, now: TrainState, checkpoint: Path) -> None:
+    """The data order can only continue if the data, the seed and the global batch are the same."""
+    for key in ("seed", "global_batch_size"):
+        if getattr(saved, key) != getattr(now, key):
+            raise CheckpointError(f"{checkpoint}: checkpoint has train.{key}={getattr(saved, key)} but this run has "
+                                  f"{getattr(now, key)}; the data order would not continue")
+    if (saved.n_train, saved.data_fingerprint) != (now.n_train, now.data_fingerprint):
+        raise CheckpointError(f"{checkpoint}: the training data differ from the checkpoint's ({saved.n_train} examples, "
+                              f"fingerprint {saved.data_fingerprint}; now {now.n_train}, {now.data_fingerprint})")
+
+
+# ============================================================================
+# 2. data
+# ============================================================================
+def _load(cfg: KavaConfig, path: str, split: str, fmt: str):
+    d = cfg.data
+    local = Path(path).expanduser().exists()
+    hub_config = next((c for hub, c, _, _ in BENCHMARKS.values() if hub.lower() == path.lower()), None)
+    return load_examples(
+        path, format=fmt, split=None if local else split, hub_config=None if local else hub_config,
+        question_field=d.question_field, answer_field=d.answer_field, cot_field=d.cot_field,
+        cot_style=d.cot_style, skip_bad_rows=d.skip_bad_rows,
+    )
+
+
+def prepare_data(cfg: KavaConfig, encoder, accelerator=None) -> tuple[list[Example], list[Example], dict]:
+    """Load and filter the training (and validation) examples. -> (train, eval, report).
+
+    Drop Last, numeric answers and the ``data.max_tokens`` length limit (teacher sequence
+    length) are applied to both; ``data.max_examples`` cuts the training rows before the
+    filters, ``data.eval_max_examples`` the validation examples after them. The validation
+    file's format is guessed (``auto``); ``data.format`` names the training file's.
+    """
+    d = cfg.data
+
+    def count_tokens(ex: Example) -> int:
+        return encoder.segments(ex).teacher_len
+
+    def one(name: str, path: str, split: str, fmt: str, cut: int, cut_after: bool):
+        loaded = _load(cfg, path, split, fmt)
+        rows = loaded.examples
+        if cut and not cut_after:
+            rows = rows[:cut]
+        kept, counts = apply_filters(rows, drop_last_step=d.drop_last_step, max_tokens=d.max_tokens,
+                                     count_tokens=count_tokens)
+        if cut and cut_after:
+            kept = kept[:cut]
+        skipped = ", ".join(f"{k}={v}" for k, v in sorted(loaded.skipped.items())) or "none"
+        _info(f"data[{name}]: {loaded.source} ({loaded.format}): {len(loaded.examples)} rows loaded, skipped: {skipped}", accelerator)
+        _info(f"data[{name}]: filters: {format_counts(counts)}" + (f"; using {len(kept)}" if cut else ""), accelerator)
+        if not kept:
+            raise DataError(f"{loaded.source}: no {name} examples left after filtering ({format_counts(counts)}); "
+                            "raise data.max_tokens or check the answers")
+        report = {"source": loaded.source, "format": loaded.format, "rows_loaded": len(loaded.examples),
+                  "skipped": dict(loaded.skipped), "filters": counts, "used": len(kept)}
+        return kept, report
+
+    train, train_report = one("train", d.train_path, d.train_split, d.format, d.max_examples, cut_after=False)
+    evals, eval_report = [], None
+    if d.eval_path:
+        evals, eval_report = one("eval", d.eval_path, d.eval_split, "auto", d.eval_max_examples, cut_after=True)
+    check_crop_budget(cfg, train, encoder)
+    return train, evals, {"train": train_report, "eval": eval_report}
+
+
+def check_crop_budget(cfg: KavaConfig, examples: list[Example], encoder) -> None:
+    """``crop`` keeps the first M CoT tokens: every CoT must have at least M tokens."""
+    if cfg.eviction.method != "crop" or not cfg.uses_latents or cfg.loss.alpha_kv == 0:
+        return
+    m = cfg.latent.num_tokens
+    lengths = [len(encoder.segments(ex).cot) for ex in examples]
+    short = [n for n in lengths if n < m]
+    if short:
+        raise ConfigError(
+            f"latent.num_tokens={m} is larger than the CoT of {len(short)} of {len(lengths)} training examples "
+            f"(shortest: {min(short)} tokens) with eviction.method=crop: the crop budget exceeds the CoT; "
+            "lower latent.num_tokens or use another eviction.method"
+        )
+
+
+def fingerprint(examples: list[Example]) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex.question, ex.steps, ex.answer]).encode())
+    return h.hexdigest()[:16]
+
+
+# ============================================================================
+# 3. data order
+# ============================================================================
+def global_batch(n: int, step: int, steps_per_epoch: int, global_batch_size: int, seed: int) -> list[int]:
+    """Example indices of global step ``step`` (0-based). Pure function of its arguments."""
+    epoch, b = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    start = b * global_batch_size
+    return [perm[(start + i) % n] for i in range(global_batch_size)]
+
+
+def my_micro_batches(indices: list[int], micro_batch_size: int, rank: int, world: int) -> list[tuple[int, list[int]]]:
+    """(global micro-batch index, example indices) of the micro-batches process ``rank`` runs."""
+    micro = [indices[i:i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
+    return [(j, micro[j]) for j in range(rank, len(micro), world)]
+
+
+def micro_seed(seed: int, step: int, micro: int) -> int:
+    return ((seed * 1_000_003 + step) * 10_007 + micro) % (2**62)
+
+
+def make_batches(cfg: KavaConfig, encoder, examples: list[Example], device, teacher_only: bool = False):
+    """(TeacherBatch | None, StudentBatch | None) for ``examples``: only what ``cfg.method`` uses."""
+    segs = [encoder.segments(ex) for ex in examples]
+    need_teacher = cfg.method != "nocot" or teacher_only
+    need_student = cfg.method != "cot" and not teacher_only
+    teacher = collate_teacher(segs, encoder.pad, cfg.eviction.importance_queries).to(device) if need_teacher else None
+    student = collate_student(segs, encoder.pad, cfg.loss.student_ce_on_prompt).to(device) if need_student else None
+    return teacher, student
+
+
+# ============================================================================
+# 4. one optimizer step
+# ============================================================================
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    finite: bool
+    metrics: dict[str, float]
+
+
+def train_step(run: Run, step: int) -> StepResult:
+    """Forward/backward over this process's micro-batches of global batch ``step``, then one guarded update."""
+    cfg, acc, st = run.cfg, run.accelerator, run.state
+    t = cfg.train
+    teacher_only = step < t.curriculum_cot_steps
+    indices = global_batch(len(run.train), step, st.steps_per_epoch, t.global_batch_size, t.seed)
+    mine = my_micro_batches(indices, t.micro_batch_size, acc.process_index, acc.num_processes)
+    sums: dict[str, float] = {}
+    loss_sum = torch.zeros((), device=acc.device)
+    for k, (j, idx) in enumerate(mine):
+        torch.manual_seed(micro_seed(t.seed, step, j))  # dropout
+        generator = torch.Generator().manual_seed(micro_seed(t.seed, step, j) + 1)  # random eviction
+        teacher, student = make_batches(cfg, run.kava.encoder, [run.train[i] for i in idx], acc.device, teacher_only)
+        sync = k == len(mine) - 1
+        with contextlib.nullcontext() if sync else acc.no_sync(run.model):
+            loss, metrics = run.model(teacher, student, generator, teacher_only)
+            # Mean over this process's micro-batches; DDP then averages over processes.
+            acc.backward(loss / len(mine))
+        loss_sum += loss.detach().float()
+        for key, v in metrics.items():
+            sums[key] = sums.get(key, 0.0) + float(v)
+
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    grad_norm = acc.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+    keys = sorted(sums)
+    local = torch.tensor([loss_sum.item()] + [sums[k] for k in keys], device=acc.device) / len(mine)
+    mean = acc.reduce(local, reduction="mean") if acc.num_processes > 1 else local
+    loss_value = float(mean[0])
+    grad_value = float(grad_norm) if grad_norm is not None else 0.0
+    finite = math.isfinite(loss_value) and math.isfinite(grad_value)
+    if finite:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return StepResult(loss=loss_value, grad_norm=grad_value, finite=finite,
+                      metrics={k: float(v) for k, v in zip(keys, mean[1:].tolist())})
+
+
+# ============================================================================
+# 5. the loop
+# ============================================================================
+def fit(run: Run, stop_after_steps: int | None = None) -> Path:
+    from tqdm import tqdm
+
+    cfg, acc, st = run.cfg, run.accelerator, run.state
+    t = cfg.train
+    run.model.train()
+    start = st.step
+    bar = tqdm(total=st.max_steps, initial=st.step, desc="train", dynamic_ncols=True, disable=not acc.is_main_process)
+    last_saved: Path | None = None
+    with StopSignals() as signals:
+        while st.step < st.max_steps:
+            tic = time.perf_counter()
+            lr = run.scheduler.get_last_lr()[0]
+            res = train_step(run, st.step)
+            st.step += 1
+            st.epoch, st.batch_in_epoch = divmod(st.step, st.steps_per_epoch)
+            st.examples_seen += t.global_batch_size
+            if res.finite:
+                st.consecutive_bad_steps = 0
+            else:
+                st.bad_steps_total += 1
+                st.consecutive_bad_steps += 1
+                _warn(f"step {st.step}: non-finite loss ({res.loss}) or gradient norm ({res.grad_norm}); optimizer step "
+                      f"skipped ({st.consecutive_bad_steps} in a row, {st.bad_steps_total} in total)", acc)
+            record = {"step": st.step, "epoch": st.step / st.steps_per_epoch, "lr": lr, **res.metrics,
+                      "loss": res.loss, "grad_norm": res.grad_norm, "skipped": not res.finite,
+                      "bad_steps": st.consecutive_bad_steps, "bad_steps_total": st.bad_steps_total,
+                      "examples_per_s": t.global_batch_size / max(time.perf_counter() - tic, 1e-9)}
+            if st.step % t.log_every == 0 or st.step == 1 or st.step == st.max_steps or not res.finite:
+                run.log.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{lr:.2e}")
+            if st.consecutive_bad_steps >= t.max_bad_steps:
+                bar.close()
+                last = latest_checkpoint(run.out) if acc.is_main_process else None
+                raise TrainingAborted(
+                    f"aborted at step {st.step}: {st.consecutive_bad_steps} consecutive steps had a non-finite loss or "
+                    f"gradient norm (train.max_bad_steps={t.max_bad_steps}); last good checkpoint: {last}. "
+                    "Lower train.lr or check the data, then resume from that checkpoint."
+                )
+            if t.save_every and st.step % t.save_every == 0:
+                last_saved = save(run)
+            stop = signals.received is not None or (stop_after_steps is not None and st.step - start >= stop_after_steps)
+            if _any_process(acc, stop) and st.step < st.max_steps:
+                bar.close()
+                if last_saved is None or last_saved.name != step_dir_name(st.step):
+                    last_saved = save(run)
+                if signals.received is not None and acc.is_main_process:
+                    print(f"interrupted: checkpoint saved to {last_saved}", flush=True)
+                else:
+                    _info(f"stopped after {st.step - start} steps: checkpoint saved to {last_saved}", acc)
+                return last_saved
+            if run.eval and t.eval_every and st.step % t.eval_every == 0 and st.step < st.max_steps:
+                run_validation(run)
+        bar.close()
+        if run.eval and signals.received is None:
+            run_validation(run)
+        if last_saved is None or last_saved.name != step_dir_name(st.step):
+            last_saved = save(run)
+    _info(f"done: {st.step} steps, {st.bad_steps_total} skipped; final checkpoint {last_saved}", acc)
+    return last_saved
+
+
+def save(run: Run) -> Path:
+    acc = run.accelerator
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        save_checkpoint(run.out, run.state.step, acc.unwrap_model(run.model).kava, run.optimizer, run.scheduler,
+                        asdict(run.state), run.cfg.train.keep_last)
+    acc.wait_for_everyone()
+    return run.out / CHECKPOINTS / step_dir_name(run.state.step)
+
+
+def _any_process(acc, flag: bool) -> bool:
+    if acc.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
+    return bool(acc.reduce(t, reduction="sum").item() > 0)
+
+
+class StopSignals:
+    """SIGTERM / SIGINT set a flag; the loop finishes the step, saves and returns. A second SIGINT raises."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one JSON object per logged step) and, optionally, TensorBoard. Main process only."""
+
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool, resume_step: int | None):
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        # Continue the file of the run being resumed, minus what was logged after its checkpoint.
+        kept = []
+        if resume_step is not None and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warnings.warn("train.tensorboard=true but tensorboard is not installed (pip install tensorboard); "
+                              "logging to metrics.jsonl only", RuntimeWarning, stacklevel=2)
+            else:
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ============================================================================
+# 6. validation
+# ============================================================================
+def run_validation(run: Run) -> None:
+    acc = run.accelerator
+    if acc.is_main_process:
+        with acc.autocast():
+            metrics = validate(run.kava, run.eval, run.cfg, seed=run.cfg.train.seed)
+        run.log.write({"step": run.state.step, **metrics})
+        _info(f"step {run.state.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), acc)
+    acc.wait_for_everyone()
+
+
+@torch.no_grad()
+def validate(model, examples: list[Example], cfg: KavaConfig, seed: int = 0) -> dict[str, float]:
+    """Mean training loss (no dropout) and greedy accuracy on ``examples``. Keys start with ``val_``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    bs = cfg.eval.batch_size
+    sums: dict[str, float] = {}
+    correct = 0
+    mode = "latent" if cfg.uses_latents else ("direct" if cfg.method == "nocot" else "cot")
+    try:
+        for i in range(0, len(examples), bs):
+            chunk = examples[i:i + bs]
+            teacher, student = make_batches(cfg, model.encoder, chunk, device)
+            _, metrics = model.training_loss(teacher, student, generator=torch.Generator().manual_seed(seed + i))
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
+            gen = model.generate([ex.question for ex in chunk], mode=mode)
+            for text, ex in zip(gen.texts, chunk):
+                correct += answers_match(extract_answer(answer_text(text, mode, cfg.data.answer_prompt)), ex.answer)
+    finally:
+        model.train(was_training)
+    n = len(examples)
+    out = {f"val_{k}": v / n for k, v in sums.items()}
+    out["val_accuracy"] = correct / n
+    out["val_examples"] = float(n)
+    return out
+
+
+def answer_text(text: str, mode: str, answer_prompt: str) -> str | None:
+    """The decoded answer: everything generated (after P) in latent/direct mode; after the last P in cot mode."""
+    if mode != "cot":
+        return text
+    if answer_prompt not in text:
+        return None
+    return text.rsplit(answer_prompt, 1)[1]
+
+
+# ============================================================================
+# command line (the package CLI wraps run_training the same way)
+# ============================================================================
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kava.train", description="Train a KaVa model.")
+    p.add_argument("--config", required=True, help="YAML config file or preset name (configs/<name>.yaml)")
+    p.add_argument("--output", required=True, help="run directory (checkpoints, metrics.jsonl, config.yaml)")
+    p.add_argument("--resume", default=None, help="run directory or checkpoint directory to continue from")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    args = p.parse_args(argv)
+    try:
+        path = Path(args.config) if Path(args.config).is_file() else preset_path(args.config)
+        cfg = KavaConfig.from_yaml(path).override(args.set)
+        run_training(cfg, args.output, resume=args.resume)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingAborted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""Training loop: every method runs, exact resume, SIGKILL / SIGTERM, non-finite steps, data checks."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import REPO, tiny_config
+from kava.checkpoint import MARKER, verify_checkpoint
+from kava.config import ConfigError, KavaConfig
+from kava.data.formats import DataError
+from kava.train import (
+    TrainingAborted,
+    build_scheduler,
+    global_batch,
+    main,
+    my_micro_batches,
+    preset_path,
+    run_training,
+)
+
+NAMES = ["Tom", "Sara", "Ben", "Ann"]
+
+
+def example_row(i: int) -> dict:
+    a, b = 2 + i % 7, 1 + i % 5
+    return {
+        "question": f"{NAMES[i % 4]} has {a} apples and buys {b} more. How many apples does he have?",
+        "steps": [f"<<{a}+{b}={a + b}>>", f"<<{a + b}*2={2 * (a + b)}>>", f"<<{2 * (a + b)}-1={2 * (a + b) - 1}>>"],
+        "answer": str(2 * (a + b) - 1),
+    }
+
+
+def write_rows(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("data")
+    return {
+        "train": write_rows(d / "train.jsonl", [example_row(i) for i in range(12)]),
+        "eval": write_rows(d / "eval.jsonl", [example_row(100 + i) for i in range(3)]),
+    }
+
+
+def make_cfg(model_dir: Path, data: dict, **overrides) -> KavaConfig:
+    base = {
+        "data.train_path": str(data["train"]),
+        "train.max_steps": 4,
+        "train.save_every": 0,
+        "train.log_every": 1,
+        "train.warmup_ratio": 0.0,
+        "train.lr": 1e-2,
+        "lora.dropout": 0.1,
+        "eviction.method": "random",  # the random-eviction generator must be restored too
+    }
+    base.update(overrides)
+    return tiny_config(model_dir, **base)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_records(run_dir: Path) -> list[dict]:
+    return [r for r in records(run_dir) if "loss" in r]
+
+
+def trainable(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Trainable weights as the public loader (KavaModel.load) sees them: adapter, new-token rows, projection."""
+    from kava.model import KavaModel
+
+    m = KavaModel.load(ckpt, is_trainable=True)
+    return {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"differ: {diff[:5]}"
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_llama_dir, data, tmp_path_factory) -> dict:
+    """The reference: 4 steps in one go (dropout 0.1, random eviction)."""
+    out = tmp_path_factory.mktemp("straight")
+    cfg = make_cfg(tiny_llama_dir, data)
+    final = run_training(cfg, out)
+    return {"cfg": cfg, "out": out, "final": final, "weights": trainable(final)}
+
+
+# ----------------------------------------------------------------------------
+# every method
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["kava", "pccot", "codi", "cot", "nocot"])
+def test_each_method_trains_logs_and_checkpoints(method, tiny_llama_dir, data, tmp_path):
+    cfg = make_cfg(tiny_llama_dir, data, method=method, **{
+        "train.max_steps": 2, "eviction.method": "rkv", "data.eval_path": str(data["eval"]),
+        "data.eval_max_examples": 2, "eval.max_answer_tokens": 3, "eval.max_cot_tokens": 6,
+    })
+    final = run_training(cfg, tmp_path)
+    steps = step_records(tmp_path)
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and not r["skipped"]
+        assert {"lr", "bad_steps", "examples_per_s"} <= r.keys()
+    if method in ("kava", "pccot", "codi"):
+        assert {"ce_student", "ce_teacher", "codi"} <= steps[0].keys()
+    if method == "kava":
+        assert steps[0]["kv"] > 0
+    if method == "cot":
+        assert not steps[0].get("ce_student") and steps[0]["ce_teacher"] > 0
+    if method == "nocot":
+        assert not steps[0].get("ce_teacher") and steps[0]["ce_student"] > 0
+    val = [r for r in records(tmp_path) if "val_accuracy" in r]
+    assert len(val) == 1 and val[0]["val_examples"] == 2 and math.isfinite(val[0]["val_loss"])
+    assert verify_checkpoint(final) is None and final.name == "step-000002"
+    saved = KavaConfig.from_yaml(tmp_path / "config.yaml")
+    assert saved.method == method and saved == cfg.resolved()
+
+
+def test_curriculum_first_steps_train_the_teacher_only(tiny_llama_dir, data, tmp_path):
+    cfg = make_cfg(tiny_llama_dir, data, **{"train.max_steps": 2, "train.curriculum_cot_steps": 1})
+    run_training(cfg, tmp_path)
+    first, second = step_records(tmp_path)
+    assert not first.get("ce_student") and not first.get("kv") and first["ce_teacher"] > 0
+    assert second["ce_student"] > 0 and second["kv"] > 0
+
+
+# ----------------------------------------------------------------------------
+# exact resume
+# ----------------------------------------------------------------------------
+def test_exact_resume_is_bit_identical(straight, tmp_path):
+    cfg = straight["cfg"]
+    mid = run_training(cfg, tmp_path, stop_after_steps=2)
+    assert mid.name == "step-000002"
+    final = run_training(cfg, tmp_path, resume=tmp_path)
+    assert final.name == "step-000004"
+    assert_identical(trainable(final), straight["weights"])
+    # The log continues: one record per step, the same losses as the straight run.
+    ours, ref = step_records(tmp_path), step_records(straight["out"])
+    assert [r["step"] for r in ours] == [1, 2, 3, 4]
+    assert [r["loss"] for r in ours] == [r["loss"] for r in ref]
+
+
+def test_resume_refuses_changed_data_order(straight, tmp_path):
+    shutil.copytree(straight["out"] / "checkpoints", tmp_path / "checkpoints")
+    cfg = straight["cfg"].override(["train.seed=1"])
+    with pytest.raises(ConfigError, match="train.seed"):
+        run_training(cfg, tmp_path, resume=tmp_path)
+
+
+def test_fresh_run_refuses_a_dir_with_checkpoints(straight):
+    with pytest.raises(ConfigError, match="--resume"):
+        run_training(straight["cfg"], straight["out"])
+
+
+# ----------------------------------------------------------------------------
+# SIGKILL and SIGTERM (real subprocesses)
+# ----------------------------------------------------------------------------
+DRIVER = """
+import sys, time, torch
+torch.set_num_threads({threads})
+import kava.train as t
+save, step = t.save_checkpoint, t.train_step
+def slow_save(*a, **k):
+    out = save(*a, **k)
+    time.sleep({save_sleep})
+    return out
+def slow_step(*a, **k):
+    time.sleep({step_sleep})
+    return step(*a, **k)
+t.save_checkpoint, t.train_step = slow_save, slow_step
+sys.exit(t.main(sys.argv[1:]))
+"""
+
+
+def launch(cfg: KavaConfig, out: Path, tmp: Path, save_sleep=0.0, step_sleep=0.0) -> subprocess.Popen:
+    cfg_file = tmp / "run.yaml"
+    cfg.to_yaml(cfg_file)
+    driver = tmp / "driver.py"
+    driver.write_text(DRIVER.format(threads=torch.get_num_threads(), save_sleep=save_sleep, step_sleep=step_sleep))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return subprocess.Popen([sys.executable, str(driver), "--config", str(cfg_file), "--output", str(out)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(pred, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"training exited early ({proc.returncode}):\n{out}\n{err[-3000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("timed out waiting for the training subprocess")
+
+
+def test_sigkill_then_resume_uses_last_complete_checkpoint(straight, tmp_path, caplog):
+    out = tmp_path / "run"
+    cfg = straight["cfg"].override(["train.save_every=1", "train.keep_last=5"])
+    proc = launch(cfg, out, tmp_path, save_sleep=2.0)
+    ckpts = out / "checkpoints"
+    wait_for(lambda: (ckpts / "step-000002" / MARKER).exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    # A half-written newer checkpoint (no COMPLETE marker) must be ignored, with a warning naming it.
+    half = ckpts / "step-000003"
+    shutil.copytree(ckpts / "step-000002", half)
+    (half / MARKER).unlink()
+    with caplog.at_level(logging.WARNING):
+        final = run_training(cfg, out, resume=out)
+    assert any("incomplete checkpoint" in r.getMessage() and "step-000003" in r.getMessage() for r in caplog.records)
+    assert final.name == "step-000004"
+    assert_identical(trainable(final), straight["weights"])
+    assert [r["step"] for r in step_records(out)] == [1, 2, 3, 4]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(straight, tmp_path):
+    out = tmp_path / "run"
+    cfg = straight["cfg"]  # save_every=0: the only checkpoint is the one SIGTERM causes
+    proc = launch(cfg, out, tmp_path, step_sleep=1.0)
+    wait_for(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip(), proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    line = [ln for ln in stdout.splitlines() if ln.startswith("interrupted: checkpoint saved to ")]
+    assert line, stdout
+    saved = Path(line[0].split(" to ", 1)[1])
+    assert saved.parent == out / "checkpoints" and verify_checkpoint(saved) is None
+    assert json.loads((saved / "train_state.json").read_text())["step"] < 4
+    # ... and that checkpoint continues to the same weights as the uninterrupted run.
+    final = run_training(cfg, out, resume=saved)
+    assert_identical(trainable(final), straight["weights"])
+
+
+# ----------------------------------------------------------------------------
+# numerical faults
+# ----------------------------------------------------------------------------
+def nan_on_calls(monkeypatch, bad_calls):
+    from kava.model import KavaModel
+
+    original = KavaModel.training_loss
+    calls = {"n": 0}
+
+    def patched(self, *a, **k):
+        calls["n"] += 1
+        loss, metrics = original(self, *a, **k)
+        if bad_calls is None or calls["n"] in bad_calls:
+            return loss * float("nan"), metrics
+        return loss, metrics
+
+    monkeypatch.setattr(KavaModel, "training_loss", patched)
+
+
+def test_nonfinite_loss_skips_the_update_and_counts(tiny_llama_dir, data, tmp_path, monkeypatch):
+    # 2 micro-batches per step: call 3 is the first micro-batch of step 2.
+    nan_on_calls(monkeypatch, {3})
+    cfg = make_cfg(tiny_llama_dir, data, **{"train.save_every": 1, "train.keep_last": 5})
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        final = run_training(cfg, tmp_path)
+    steps = step_records(tmp_path)
+    assert [r["skipped"] for r in steps] == [False, True, False, False]
+    assert steps[1]["bad_steps"] == 1 and steps[2]["bad_steps"] == 0 and steps[-1]["bad_steps_total"] == 1
+    ck = tmp_path / "checkpoints"
+    assert_identical(trainable(ck / "step-000001"), trainable(ck / "step-000002"))  # no update at step 2
+    assert all(torch.isfinite(w).all() for w in trainable(final).values())
+    assert json.loads((final / "train_state.json").read_text())["bad_steps_total"] == 1
+
+
+def test_abort_after_max_bad_steps_in_a_row(tiny_llama_dir, data, tmp_path, monkeypatch):
+    nan_on_calls(monkeypatch, None)
+    cfg = make_cfg(tiny_llama_dir, data, **{"train.max_bad_steps": 2})
+    with pytest.warns(RuntimeWarning), pytest.raises(TrainingAborted, match="2 consecutive steps .*max_bad_steps=2"):
+        run_training(cfg, tmp_path)
+    assert len(step_records(tmp_path)) == 2
+
+
+# ----------------------------------------------------------------------------
+# data checks
+# ----------------------------------------------------------------------------
+def test_data_report_counts_are_saved(tiny_llama_dir, data, tmp_path):
+    rows = [example_row(i) for i in range(6)]
+    rows.append({**example_row(7), "answer": "many"})  # non-numeric answer
+    rows.append({**example_row(8), "question": "How many? " * 80})  # too long
+    rows.append("{not json")  # malformed row, skipped with skip_bad_rows
+    train = write_rows(tmp_path / "train.jsonl", rows)
+    cfg = make_cfg(tiny_llama_dir, data, **{"data.train_path": str(train), "data.skip_bad_rows": True,
+                                            "train.max_steps": 1})
+    run_training(cfg, tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    tr = report["train"]
+    assert sum(tr["skipped"].values()) == 1 and tr["rows_loaded"] == 8
+    assert tr["filters"]["non_numeric_answer"] == 1 and tr["filters"]["too_long"] == 1 and tr["filters"]["kept"] == 6
+    assert report["eval"] is None
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-000001" / "train_state.json").read_text())
+    assert state["data_counts"] == tr["filters"] and state["n_train"] == 6
+
+
+def test_crop_budget_larger_than_cot_is_a_config_error(tiny_llama_dir, data, tmp_path):
+    cfg = make_cfg(tiny_llama_dir, data, **{"eviction.method": "crop", "latent.num_tokens": 40})
+    with pytest.raises(ConfigError, match="latent.num_tokens=40"):
+        run_training(cfg, tmp_path)
+
+
+def test_nothing_left_after_filtering_is_a_data_error(tiny_llama_dir, data, tmp_path):
+    cfg = make_cfg(tiny_llama_dir, data, **{"data.max_tokens": 8})
+    with pytest.raises(DataError, match="no train examples left"):
+        run_training(cfg, tmp_path)
+
+
+def test_main_maps_config_errors_to_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("latent: {num_tokens: 0}\n")
+    assert main(["--config", str(bad), "--output", str(tmp_path / "out")]) == 2
+    assert "latent.num_tokens" in capsys.readouterr().err
+    assert main(["--config", "no-such-preset", "--output", str(tmp_path / "out")]) == 2
+
+
+def test_preset_path_lists_presets_when_unknown():
+    assert preset_path("smollm2-gsm8k").is_file()
+    with pytest.raises(ConfigError, match="available: .*smollm2-gsm8k"):
+        preset_path("gpt-17")
+
+
+# ----------------------------------------------------------------------------
+# data order and schedule (pure functions)
+# ----------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 40), micro=st.integers(1, 4), k=st.integers(1, 4), world=st.sampled_from([1, 2, 4]),
+       seed=st.integers(0, 5), step=st.integers(0, 30))
+def test_data_order_is_deterministic_and_independent_of_process_count(n, micro, k, world, seed, step):
+    g = micro * k * world
+    spe = math.ceil(n / g)
+    batch = global_batch(n, step, spe, g, seed)
+    assert batch == global_batch(n, step, spe, g, seed) and len(batch) == g
+    # the processes' micro-batches partition the global batch, whatever the process count
+    parts = [mb for r in range(world) for mb in my_micro_batches(batch, micro, r, world)]
+    assert sorted(j for j, _ in parts) == list(range(g // micro))
+    assert sorted(i for _, mb in parts for i in mb) == sorted(batch)
+    assert len({len(my_micro_batches(batch, micro, r, world)) for r in range(world)}) == 1
+    # one epoch sees every example
+    epoch = step // spe
+    seen = {i for b in range(spe) for i in global_batch(n, epoch * spe + b, spe, g, seed)}
+    assert seen == set(range(n))
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = KavaConfig().override(["train.warmup_ratio=0.2", "train.min_lr_ratio=0.1", "train.lr=1.0"])
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    sched = build_scheduler(cfg, opt, max_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    lrs.append(sched.get_last_lr()[0])
+    assert lrs[0] == 0.0 and lrs[1] == 0.5 and lrs[2] == 1.0
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] == pytest.approx(0.1)
