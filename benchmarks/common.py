@@ -8,6 +8,10 @@ Measurement rules (every benchmark follows them):
   warm-up, and the reported ratio is the **median over rounds of the per-round
   ratio** (both variants of a round ran within seconds of each other). Medians of
   the absolute times are reported too, for orientation only.
+- **Clock.** On CPU the primary clock is the process CPU time with one torch thread
+  (see :func:`interleaved`: it does not count the time spent waiting for a core
+  while other jobs run); wall-clock ratios are recorded beside it. On CUDA: wall
+  time between ``torch.cuda.synchronize()`` calls.
 - **Peak memory** (:func:`peak_memory`) is the peak of *tensor* bytes allocated
   while the measured call runs, above what was live when it started (weights,
   optimizer state, the batch). On CUDA: ``torch.cuda.max_memory_allocated`` after
@@ -240,34 +244,49 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def default_clock(device) -> str:
+    """``cpu`` (process CPU seconds) on CPU, ``wall`` on CUDA. See :func:`interleaved`."""
+    return "wall" if torch.device(device).type == "cuda" else "cpu"
+
+
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1, device="cpu",
-                on_round: Callable[[int, dict], None] | None = None) -> dict[str, list[float]]:
+                clock: str | None = None, both: dict | None = None) -> dict[str, list[float]]:
     """Seconds per call of each fn, interleaved ABBA: a b c, c b a, a b c, ...
 
-    ``warmup`` rounds run first and are discarded. Python's GC is collected before and
-    disabled during every timed call.
+    ``warmup`` rounds run first and are discarded. Python's GC is collected before and disabled
+    during every timed call. Two clocks are read around every call: ``wall``
+    (``time.perf_counter``) and ``cpu`` (``time.process_time``: CPU seconds of this process, all
+    threads). On a CPU shared with other jobs the wall time of a call includes the time this
+    process waited for a core, which comes and goes with the neighbours' load; the CPU time counts
+    only the work done, so with one torch thread it is the time the call takes on an idle core
+    (cache and memory-bandwidth interference from the neighbours remain). The times of ``clock``
+    (default: :func:`default_clock`) are returned; pass ``both={}`` to also get
+    ``both["wall"]`` and ``both["cpu"]``.
     """
+    clock = clock or default_clock(device)
     names = list(fns)
     for _ in range(warmup):
         for n in names:
             fns[n]()
         sync(device)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    rec = {"wall": {n: [] for n in names}, "cpu": {n: [] for n in names}}
     for r in range(repeats):
         for n in (names if r % 2 == 0 else names[::-1]):
             gc.collect()
             gc.disable()
             try:
                 sync(device)
-                t0 = time.perf_counter()
+                w0, c0 = time.perf_counter(), time.process_time()
                 fns[n]()
                 sync(device)
-                times[n].append(time.perf_counter() - t0)
+                rec["wall"][n].append(time.perf_counter() - w0)
+                rec["cpu"][n].append(time.process_time() - c0)
             finally:
                 gc.enable()
-        if on_round is not None:
-            on_round(r, times)
-    return times
+    if both is not None:
+        both.update(rec)
+        both["clock"] = clock
+    return rec[clock]
 
 
 def median(xs: list[float]) -> float:
@@ -275,10 +294,11 @@ def median(xs: list[float]) -> float:
 
 
 def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> dict:
-    """Median (and quartiles) over rounds of times[num][r] / times[den][r]."""
+    """Median (and quartiles, and the ratio of the minima) over rounds of times[num][r] / times[den][r]."""
     rs = sorted(a / b for a, b in zip(times[num], times[den]))
     q = statistics.quantiles(rs, n=4, method="inclusive") if len(rs) >= 2 else [rs[0]] * 3
-    return {"median": float(statistics.median(rs)), "q1": float(q[0]), "q3": float(q[2]), "n": len(rs)}
+    return {"median": float(statistics.median(rs)), "q1": float(q[0]), "q3": float(q[2]), "n": len(rs),
+            "ratio_of_min": float(min(times[num]) / min(times[den]))}
 
 
 def peak_memory(fn: Callable[[], Any], device) -> int:
@@ -416,8 +436,11 @@ def add_common_args(p, name: str, default_shape: str = "small") -> None:
 def finish_common_args(args) -> None:
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
-    if args.quick and not args.model:
-        args.shape = "tiny"
+    if args.quick:
+        args.warmup = 0
+        if not args.model:
+            args.shape = "tiny"
+            args.lora_r = 4
     setup_threads(args.threads)
 
 
@@ -427,3 +450,86 @@ def tmpdir():
 
 def is_finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+# ---------------------------------------------------------------------------
+# in-memory construction (large random models: no disk round trip) and FLOP counting
+# ---------------------------------------------------------------------------
+def build_model_in_memory(shape: Shape, cfg: KavaConfig, device, attn: str = "sdpa") -> KavaModel:
+    """What ``KavaModel.from_config`` does, with the random LLaMA built directly on ``device``.
+
+    Same steps as from_config/load_backbone: seed, capturing attention wrapper around ``attn``,
+    the special tokens, LoRA (peft), the projection head.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kava.attention import capturing_attention_name
+    from kava.backbone import add_special_tokens, apply_lora
+    from kava.data.tokenizer import build_demo_tokenizer
+
+    tok = build_demo_tokenizer(corpus_texts(), vocab_size=512)
+    lcfg = LlamaConfig(
+        vocab_size=max(shape.vocab, len(tok)), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=4096, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, tie_word_embeddings=shape.tie,
+    )
+    torch.manual_seed(cfg.train.seed)
+    with torch.device(device):
+        base = LlamaForCausalLM._from_config(lcfg, attn_implementation=capturing_attention_name(attn),
+                                             dtype=DTYPES[cfg.model.dtype])
+    base.eval()
+    special = add_special_tokens(base, tok)
+    lm = apply_lora(base, cfg.lora, list(special.values()))
+    return KavaModel(cfg, lm, tok, special).to(device)
+
+
+def _matmul_params(model: KavaModel) -> tuple[int, int]:
+    """(frozen decoder matmul weights, trainable LoRA weights) -- embeddings and LM head excluded."""
+    frozen = lora = 0
+    for name, p in model.decoder_stack.named_parameters():
+        if p.dim() != 2 or "embed_tokens" in name:
+            continue
+        if "lora_" in name:
+            lora += p.numel()
+        else:
+            frozen += p.numel()
+    return frozen, lora
+
+
+def train_flops(model: KavaModel, passes: list[tuple[int, int, int, int]]) -> float:
+    """Model FLOPs of one LoRA training step (forward + backward), padding excluded.
+
+    ``passes``: one (rows, new_tokens, cached_tokens, logit_positions) per model call; each row
+    processes ``new_tokens`` tokens that attend causally to themselves and to ``cached_tokens``
+    earlier ones, and ``logit_positions`` per row go through the LM head.
+
+    Forward FLOPs per token: 2 * W_frozen + 2 * W_lora (decoder matmul weights) and per
+    (query, key) pair 4 * L * H_q * d_head (Q.K and P.V); per logit position 2 * D * V.
+    Backward: the frozen weights (decoder and tied LM head) still need the input gradient,
+    1x their forward (no weight gradient); LoRA weights 2x their forward (input and weight
+    gradients); attention 2x its forward (dQ, dK, dV). Hence
+
+        step = 4 * W_frozen * tok + 6 * W_lora * tok + 12 * L * H_q * d_head * pairs + 4 * D * V * logits
+
+    (the usual 6 * N * tokens when everything trains; recomputation inside flash kernels is not counted).
+    """
+    c = model.config
+    frozen, lora = _matmul_params(model)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    tok = pairs = logits = 0
+    for rows, new, cached, lg in passes:
+        tok += rows * new
+        pairs += rows * (new * cached + new * (new + 1) // 2)
+        logits += rows * lg
+    return float(4 * frozen * tok + 6 * lora * tok + 12 * c.num_hidden_layers * c.num_attention_heads * head_dim * pairs
+                 + 4 * c.hidden_size * c.vocab_size * logits)
+
+
+def step_passes(L: Lengths, batch: int, M: int, T: int, answer_prompt_len: int, kava: bool) -> list[tuple[int, int, int, int]]:
+    """The model calls of a CoT-SFT step (teacher only) or a KaVa step (teacher + Jacobi student), for train_flops."""
+    teacher = [(batch, L.teacher, 0, L.C + L.A)]  # labels on C, <eot>, P, A, <eos>
+    if not kava:
+        return teacher
+    student = [(batch, L.Q + M, 0, 0)] + [(batch, M, L.Q, 0)] * T + [(batch, L.A, L.Q + M, L.A - answer_prompt_len)]
+    return teacher + student

@@ -14,7 +14,7 @@ Variants (same model, same batch, same AdamW + grad clip; one optimizer step eac
             - teacher and student CE take full-vocabulary logits over the whole sequence.
 
 Reported: the ratios b/a and c/b of time per step (median over interleaved rounds of the
-per-round ratio), of peak tensor memory (common.peak_memory), and the FLOP floor of b/a from
+per-round ratio; on CPU of process CPU time, wall-clock ratios beside it, see common.py), of peak tensor memory (common.peak_memory), and the FLOP floor of b/a from
 token counts (common.flop_floor): (N_teacher + N_student) / N_teacher with N_teacher = Q + C + A,
 N_student = Q + (T+1) M + A.
 
@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
         steps = make_steps(model, tb, sb)
         mismatch = check_naive_matches(model, tb, sb)
         mem = {k: common.peak_memory(fn, device) for k, fn in steps.items()}
-        times = common.interleaved(steps, repeats=repeats, warmup=args.warmup, device=device)
+        both: dict = {}
+        times = common.interleaved(steps, repeats=repeats, warmup=args.warmup, device=device, both=both)
         floor = common.flop_floor(L.teacher, L.student(M, T))
         r_ba = common.paired_ratio(times, "b", "a")
         r_cb = common.paired_ratio(times, "c", "b")
@@ -202,7 +203,10 @@ def main(argv: list[str] | None = None) -> dict:
             "teacher_len": n, "batch": batch, "M": M, "T": T,
             "tokens": {"Q": L.Q, "C": L.C, "A": L.A, "teacher": L.teacher, "student": L.student(M, T)},
             "time_s_median": {VARIANTS[k]: common.median(v) for k, v in times.items()},
-            "time_s_all": {VARIANTS[k]: v for k, v in times.items()},
+            "clock": both["clock"],
+            "time_s_all": {c: {VARIANTS[k]: v for k, v in both[c].items()} for c in ("wall", "cpu")},
+            "wall_ratios": {"time_b/a": common.paired_ratio(both["wall"], "b", "a"),
+                            "time_c/b": common.paired_ratio(both["wall"], "c", "b")},
             "peak_mem_bytes": {VARIANTS[k]: v for k, v in mem.items()},
             "ratios": {
                 "time_b/a": r_ba["median"], "time_c/b": r_cb["median"],

@@ -73,11 +73,12 @@ def resolve_model_path(cfg: ModelCfg) -> str:
     return cfg.name_or_path
 
 
-def load_backbone(cfg: ModelCfg, capture_importance: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_backbone(cfg: ModelCfg, capture_importance: bool = True,
+                  tokenizer_path: str | Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load model + tokenizer; attention goes through the importance-capturing wrapper."""
     path = resolve_model_path(cfg)
     attn = capturing_attention_name(cfg.attn_implementation) if capture_importance else cfg.attn_implementation
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path, trust_remote_code=cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=DTYPES[cfg.dtype],

@@ -102,11 +102,17 @@ def train_and_eval(name: str, cfg: KavaConfig, out: Path, test_path: Path, modes
     from kava.evaluate import evaluate, load_checkpoint
     from kava.train import run_training
 
+    from kava.checkpoint import latest_checkpoint, step_dir_name
+
     run_dir = out / name
-    final = run_dir / "final"
     t0 = time.perf_counter()
-    if not (final / "kava_meta.json").exists():
-        final = run_training(cfg, run_dir)
+    # A finished run is reused (make demo twice = evaluate again); an unfinished one resumes.
+    final = latest_checkpoint(run_dir) if (run_dir / "DONE").exists() else None
+    if final is None:
+        final = run_training(cfg, run_dir, resume=run_dir if latest_checkpoint(run_dir) else None)
+        if final.name != step_dir_name(cfg.train.max_steps):
+            raise SystemExit(f"{name}: training stopped early at {final}; run the demo again to resume it")
+        (run_dir / "DONE").write_text(str(final))
     train_s = time.perf_counter() - t0
     model = load_checkpoint(final)
     test = load_examples(str(test_path)).examples

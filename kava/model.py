@@ -14,7 +14,7 @@ from torch import nn
 from kava.attention import ImportanceCapture
 from kava.backbone import LatentProjection, add_special_tokens, apply_lora, load_backbone
 from kava.config import ConfigError, KavaConfig
-from kava.data.collate import IGNORE, StudentBatch, TeacherBatch, Tokenizer, positions_from_mask
+from kava.data.collate import IGNORE, StudentBatch, TeacherBatch, Tokenizer, pad_rows, positions_from_mask
 from kava.eviction import CompressedKV, compress_kv
 from kava.latent import LatentTrace, run_latents
 from kava.losses import total_loss
@@ -213,11 +213,9 @@ class KavaModel(nn.Module):
         ev = self.cfg.eval
         enc = self.encoder
         prefixes = [enc.question_ids(q) for q in questions]
-        from kava.data.collate import _pad
-
         device = next(self.parameters()).device
-        prefix_ids = _pad(prefixes, enc.pad, left=True).to(device)
-        prefix_mask = _pad([[1] * len(p) for p in prefixes], 0, left=True).bool().to(device)
+        prefix_ids = pad_rows(prefixes, enc.pad, left=True).to(device)
+        prefix_mask = pad_rows([[1] * len(p) for p in prefixes], 0, left=True).bool().to(device)
         B = len(questions)
         trace = None
         if mode == "cot":
@@ -310,8 +308,6 @@ class KavaModel(nn.Module):
     @classmethod
     def load(cls, directory: str | Path, expect: KavaConfig | None = None, is_trainable: bool = False) -> "KavaModel":
         """Load a checkpoint written by :meth:`save`; refuse one that does not match ``expect``."""
-        from transformers import AutoTokenizer
-
         d = Path(directory)
         for need in ("config.yaml", "kava_meta.json", "tokenizer"):
             if not (d / need).exists():
@@ -328,17 +324,16 @@ class KavaModel(nn.Module):
             ]:
                 if mine != theirs:
                     raise ConfigError(f"{d}: checkpoint has {key}={theirs!r} but this run has {key}={mine!r}; refusing to load")
-        tokenizer = AutoTokenizer.from_pretrained(d / "tokenizer")
         if cfg.lora.enabled:
             from peft import PeftModel
 
-            base, _ = load_backbone(cfg.model)
+            base, tokenizer = load_backbone(cfg.model, tokenizer_path=d / "tokenizer")
             special = add_special_tokens(base, tokenizer)
             lm = PeftModel.from_pretrained(base, d / "adapter", is_trainable=is_trainable)
         else:
             from dataclasses import replace
 
-            base, _ = load_backbone(replace(cfg.model, name_or_path=str(d / "model")))
+            base, tokenizer = load_backbone(replace(cfg.model, name_or_path=str(d / "model")), tokenizer_path=d / "tokenizer")
             special = add_special_tokens(base, tokenizer)
             lm = base
         model = cls(cfg, lm, tokenizer, special)

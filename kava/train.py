@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -339,9 +340,14 @@ def fingerprint(examples: list[Example]) -> str:
 def global_batch(n: int, step: int, steps_per_epoch: int, global_batch_size: int, seed: int) -> list[int]:
     """Example indices of global step ``step`` (0-based). Pure function of its arguments."""
     epoch, b = divmod(step, steps_per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    perm = _epoch_permutation(n, seed + epoch)
     start = b * global_batch_size
     return [perm[(start + i) % n] for i in range(global_batch_size)]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(n: int, seed: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist())
 
 
 def my_micro_batches(indices: list[int], micro_batch_size: int, rank: int, world: int) -> list[tuple[int, list[int]]]:
@@ -408,7 +414,9 @@ def train_step(run: Run, step: int) -> StepResult:
     if finite:
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    run.scheduler.step()
+    with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        run.scheduler.step()  # a skipped step still uses up its place in the schedule (and its batch)
     return StepResult(loss=loss_value, grad_norm=grad_value, finite=finite,
                       metrics={k: float(v) for k, v in zip(keys, mean[1:].tolist())})
 

@@ -34,6 +34,15 @@ from kava.train import (
 NAMES = ["Tom", "Sara", "Ben", "Ann"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, above all on a busy 2-core machine; the subprocesses match it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def example_row(i: int) -> dict:
     a, b = 2 + i % 7, 1 + i % 5
     return {
@@ -134,8 +143,16 @@ def test_each_method_trains_logs_and_checkpoints(method, tiny_llama_dir, data, t
 
 
 def test_curriculum_first_steps_train_the_teacher_only(tiny_llama_dir, data, tmp_path):
-    cfg = make_cfg(tiny_llama_dir, data, **{"train.max_steps": 2, "train.curriculum_cot_steps": 1})
-    run_training(cfg, tmp_path)
+    cfg = make_cfg(tiny_llama_dir, data, **{"train.max_steps": 2, "train.curriculum_cot_steps": 1,
+                                            "train.tensorboard": True})
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.warns(RuntimeWarning, match="tensorboard is not installed"):
+            run_training(cfg, tmp_path)
+    else:
+        run_training(cfg, tmp_path)
+        assert any((tmp_path / "tensorboard").iterdir())
     first, second = step_records(tmp_path)
     assert not first.get("ce_student") and not first.get("kv") and first["ce_teacher"] > 0
     assert second["ce_student"] > 0 and second["kv"] > 0

@@ -39,7 +39,10 @@ class Tokenizer:
         self.bot, self.eot, self.latent = special_ids["<bot>"], special_ids["<eot>"], special_ids["<latent>"]
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id
-        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != self.eos else []
+        # Start the question the way the tokenizer itself would (BOS for Llama-3, nothing for SmolLM2/Qwen).
+        plain = self._enc("1")
+        with_special = tokenizer("1")["input_ids"]
+        self.bos = with_special[: len(with_special) - len(plain)] if with_special[-len(plain):] == plain else []
         self.prompt_ids = self._enc(answer_prompt)
 
     def _enc(self, text: str) -> list[int]:
@@ -58,7 +61,7 @@ class Tokenizer:
         )
 
 
-def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+def pad_rows(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
     out = torch.full((len(rows), width), value, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -137,17 +140,17 @@ def collate_teacher(segs: list[Segments], pad_id: int, importance_queries: str =
         start = p_start if importance_queries == "prompt_and_answer" else q + c + p
         query_pos.append(list(range(start, a_end)))
         prompt_last.append(q + c + p - 1)
-    input_ids = _pad(rows, pad_id)
-    attention_mask = _pad([[1] * len(r) for r in rows], 0).bool()
+    input_ids = pad_rows(rows, pad_id)
+    attention_mask = pad_rows([[1] * len(r) for r in rows], 0).bool()
     return TeacherBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=positions_from_mask(attention_mask),
-        labels=_pad(labels, IGNORE),
-        cot_index=_pad(cot_pos, 0),
-        cot_valid=_pad([[1] * len(c) for c in cot_pos], 0).bool(),
-        query_index=_pad(query_pos, 0),
-        query_valid=_pad([[1] * len(q) for q in query_pos], 0).bool(),
+        labels=pad_rows(labels, IGNORE),
+        cot_index=pad_rows(cot_pos, 0),
+        cot_valid=pad_rows([[1] * len(c) for c in cot_pos], 0).bool(),
+        query_index=pad_rows(query_pos, 0),
+        query_valid=pad_rows([[1] * len(q) for q in query_pos], 0).bool(),
         prompt_last=torch.tensor(prompt_last, dtype=torch.long),
     )
 
@@ -164,10 +167,10 @@ def collate_student(segs: list[Segments], pad_id: int, ce_on_prompt: bool = Fals
     if len(prompt_lens) != 1:
         raise ValueError("the answer prompt must tokenize to the same length in every example")
     return StudentBatch(
-        prefix_ids=_pad(prefixes, pad_id, left=True),
-        prefix_mask=_pad([[1] * len(p) for p in prefixes], 0, left=True).bool(),
-        suffix_ids=_pad(suffixes, pad_id),
-        suffix_mask=_pad([[1] * len(x) for x in suffixes], 0).bool(),
-        suffix_labels=_pad(labels, IGNORE),
+        prefix_ids=pad_rows(prefixes, pad_id, left=True),
+        prefix_mask=pad_rows([[1] * len(p) for p in prefixes], 0, left=True).bool(),
+        suffix_ids=pad_rows(suffixes, pad_id),
+        suffix_mask=pad_rows([[1] * len(x) for x in suffixes], 0).bool(),
+        suffix_labels=pad_rows(labels, IGNORE),
         prompt_last=prompt_lens.pop() - 1,
     )

@@ -1,0 +1,136 @@
+"""Smoke tests of the benchmarks: each --quick mode runs and writes JSON with the expected keys.
+
+No timing assertions (times on a shared machine say nothing); the FLOP floor and the FLOP
+count are checked against hand-computed values.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import common  # noqa: E402
+
+
+def test_flop_floor_hand_computed():
+    # N = 512, answer prompt <eot> + 5 tokens: Q = round(.35 * 512) = 179, C = round(.55 * 512) = 282, A = 51.
+    L = common.split_lengths(512, prompt_len=6)
+    assert (L.Q, L.C, L.A) == (179, 282, 51)
+    assert L.student(M=24, T=3) == 179 + 4 * 24 + 51 == 326
+    assert common.flop_floor(L.teacher, L.student(24, 3)) == pytest.approx((512 + 326) / 512) == pytest.approx(1.63671875)
+    # N = 128: Q = 45, C = 70, A = 13 -> student 45 + 96 + 13 = 154 -> (128 + 154) / 128
+    L = common.split_lengths(128, prompt_len=6)
+    assert (L.Q, L.C, L.A) == (45, 70, 13)
+    assert common.flop_floor(L.teacher, L.student(24, 3)) == pytest.approx(282 / 128)
+
+
+def test_short_sequences_keep_the_answer_prompt():
+    L = common.split_lengths(24, prompt_len=6)  # A would be 3: take the missing tokens from Q
+    assert (L.Q, L.C, L.A) == (3, 13, 8)
+
+
+def test_train_flops_hand_computed():
+    class Stub:
+        decoder_stack = nn.ModuleDict({"q_proj": nn.Linear(4, 4, bias=False), "lora_A": nn.Linear(4, 2, bias=False)})
+        config = type("C", (), {"hidden_size": 4, "num_attention_heads": 2, "num_hidden_layers": 1, "vocab_size": 10})()
+
+    # one row, 2 new tokens after 1 cached: pairs = 2*1 + (1 + 2) = 5; 1 logit position.
+    # 4*16*2 + 6*8*2 + 12*1*2*2*5 + 4*4*10*1 = 128 + 96 + 240 + 160
+    assert common.train_flops(Stub(), [(1, 2, 1, 1)]) == 624
+
+
+def test_peak_memory_counts_live_tensors():
+    def fn():
+        a = torch.empty(1024, 256)  # 1 MiB
+        b = torch.empty(1024, 256)  # 1 MiB, both live
+        del a, b
+        torch.empty(1024, 256)
+    assert common.peak_memory(fn, "cpu") == 2 * 1024 * 256 * 4
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """The benchmarks set torch's thread count (1 by default); give the rest of the session its own back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _load(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    assert {"benchmark", "env", "model", "results"} <= set(data)
+    assert data["env"]["date"] and data["env"]["torch"]
+    return data
+
+
+def test_step_cost_quick(tmp_path):
+    import step_cost
+
+    out = tmp_path / "step_cost.json"
+    step_cost.main(["--quick", "--out", str(out)])
+    data = _load(out)
+    (row,) = data["results"]
+    assert {"tokens", "time_s_median", "peak_mem_bytes", "ratios", "goals", "naive_loss_abs_diff"} <= set(row)
+    assert set(row["time_s_median"]) == {"cot", "kava", "naive"}
+    assert {"time_b/a", "time_c/b", "mem_b/a", "mem_c/b", "flop_floor_b/a", "time_b/a_over_floor"} <= set(row["ratios"])
+    t = row["tokens"]
+    assert row["ratios"]["flop_floor_b/a"] == pytest.approx((t["teacher"] + t["student"]) / t["teacher"])
+    assert all(v > 0 for v in row["peak_mem_bytes"].values())
+    # the naive step optimises the same objective as the KaVa step
+    assert row["naive_loss_abs_diff"] < 1e-4
+
+
+def test_importance_overhead_quick(tmp_path):
+    import importance_overhead
+
+    out = tmp_path / "io.json"
+    importance_overhead.main(["--quick", "--out", str(out)])
+    data = _load(out)
+    assert {r["mode"] for r in data["results"]} == {"nograd", "grad"}
+    for r in data["results"]:
+        assert {"teacher_len", "time_s_median", "ratio", "overhead_pct", "goals"} <= set(r)
+        assert set(r["time_s_median"]) == {"plain", "capture"}
+
+
+def test_inference_quick(tmp_path):
+    import inference
+
+    out = tmp_path / "inf.json"
+    inference.main(["--quick", "--out", str(out)])
+    data = _load(out)
+    assert {r["workload"] for r in data["results"]} == {"equations", "nl"}
+    M, T = 3, 1
+    for r in data["results"]:
+        assert {"speedup_cot_over_latent", "forward_passes_per_question", "pass_reduction_pct",
+                "generated_tokens_per_question", "kv_bytes_per_question"} <= set(r)
+        if r["batch"] == 1:  # forced lengths: passes are exactly what a trained model needs
+            assert r["forward_passes_per_question"] == pytest.approx(r["expected_passes_per_question"])
+            assert r["M"] == M and r["T"] == T
+    th = data["throughput"]
+    assert [x["batch"] for x in th["rows"]] == [1, 4]
+    assert {"questions_per_s", "speedup_vs_b1", "efficiency_vs_linear"} <= set(th["rows"][0])
+
+
+def test_gpu_script_quick_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "--quick", "--device", "cpu", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = _load(out)
+    (row,) = data["results"]
+    assert set(row["variants"]) == {"cot", "kava"}
+    for v in row["variants"].values():
+        assert {"tokens_per_s", "model_tflop_per_step", "achieved_tflops", "mfu"} <= set(v)
+        assert v["mfu"] is None  # no peak given on CPU
+    assert row["flop_kava/cot"] > 1
+    assert "MFU" in proc.stdout

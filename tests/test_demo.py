@@ -1,0 +1,36 @@
+"""Smoke test of the demo pipeline at tiny size: task, tokenizer, both trainings, three evaluations, report."""
+from __future__ import annotations
+
+import json
+
+from kava.demo import ABLATIONS, main
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    rc = main(["--quick", "--output", str(out), "--set", "train.max_steps=2", "--set", "train.curriculum_cot_steps=1",
+               "--set", "train.global_batch_size=8", "--set", "train.micro_batch_size=4", "--set", "eval.max_cot_tokens=8"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in ("latent", "cot"):
+        assert report["kava"][key]["n"] == 8
+    assert report["nocot"]["direct"]["n"] == 8
+    # Latent mode costs 1 + T + answer tokens; the report must say so for every question.
+    preds = [json.loads(x) for x in (out / "kava" / "predictions_latent.jsonl").read_text().splitlines()]
+    assert all(p["forward_passes"] == 1 + 3 + p["tokens"] for p in preds)
+    md = (out / "report.md").read_text()
+    assert "KaVa student (latent)" in md and "No-CoT" in md and "95% CI" in md
+    assert (out / "training_curves.png").stat().st_size > 1000
+    # Train and test questions are disjoint.
+    train = {json.loads(x)["question"] for x in (out / "data" / "train.jsonl").read_text().splitlines()}
+    test = {json.loads(x)["question"] for x in (out / "data" / "test.jsonl").read_text().splitlines()}
+    assert not train & test
+
+
+def test_ablation_list_covers_method_md():
+    sets = {s for _, ss in ABLATIONS for s in ss}
+    for needed in ("method=pccot", "loss.alpha_codi=0", "latent.use_projection=false", "loss.kv_supervision=all",
+                   "eviction.method=importance", "eviction.method=redundancy", "eviction.method=crop",
+                   "eviction.method=random", "latent.num_tokens=6", "latent.num_tokens=12", "latent.num_tokens=24",
+                   "latent.num_iterations=0", "latent.num_iterations=1", "latent.num_iterations=3"):
+        assert needed in sets
