@@ -140,4 +140,8 @@ class LatentProjection(nn.Module):
             self.net = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width), nn.LayerNorm(width))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h) if self.enabled else h
+        if not self.enabled:
+            return h
+        # Parameters stay fp32 (AdamW on bf16 weights loses small updates); compute in their dtype.
+        dtype = self.net[0].weight.dtype
+        return self.net(h.to(dtype)).to(h.dtype)

@@ -70,7 +70,6 @@ class KavaModel(nn.Module):
         self.lm_head = base.lm_head
         self.config = base.config
         self.projection = LatentProjection(self.config.hidden_size, cfg.latent.use_projection)
-        self.projection.to(dtype=next(base.parameters()).dtype)
 
     # ---- construction ------------------------------------------------------
     @classmethod

@@ -28,14 +28,6 @@ EXAMPLES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tiny_llama_dir, tmp_path_factory) -> Path:
     model = KavaModel.from_config(tiny_config(tiny_llama_dir, **{"eval.max_answer_tokens": 3}))

@@ -30,14 +30,6 @@ from kava.config import ConfigError
 from kava.data import Example
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 EXAMPLES = [
     Example("Tom has 5 apples and buys 3 more. How many apples does he have?", ["<<5+3=8>>", "<<8*2=16>>"], "16"),
     Example("Sara reads 12 pages a day for 4 days. How many pages?", ["<<12*4=48>>"], "48"),

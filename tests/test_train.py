@@ -34,15 +34,6 @@ from kava.train import (
 NAMES = ["Tom", "Sara", "Ben", "Ann"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, above all on a busy 2-core machine; the subprocesses match it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def example_row(i: int) -> dict:
     a, b = 2 + i % 7, 1 + i % 5
     return {
