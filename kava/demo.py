@@ -248,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablate", action="store_true", help="run the ablation variants instead of the demo")
     p.add_argument("--results-md", default=None, help="with --ablate: append the table to this Markdown file")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default); use 1 on a busy machine")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else DemoSizes()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from kava.answers import answers_match, extract_answer
 from kava.checkpoint import (
     CHECKPOINTS,
     CheckpointError,
@@ -586,13 +585,13 @@ def run_validation(run: Run) -> None:
 @torch.no_grad()
 def validate(model, examples: list[Example], cfg: KavaConfig, seed: int = 0) -> dict[str, float]:
     """Mean training loss (no dropout) and greedy accuracy on ``examples``. Keys start with ``val_``."""
+    from kava.evaluate import evaluate, resolve_mode
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     bs = cfg.eval.batch_size
     sums: dict[str, float] = {}
-    correct = 0
-    mode = "latent" if cfg.uses_latents else ("direct" if cfg.method == "nocot" else "cot")
     try:
         for i in range(0, len(examples), bs):
             chunk = examples[i:i + bs]
@@ -600,25 +599,14 @@ def validate(model, examples: list[Example], cfg: KavaConfig, seed: int = 0) -> 
             _, metrics = model.training_loss(teacher, student, generator=torch.Generator().manual_seed(seed + i))
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
-            gen = model.generate([ex.question for ex in chunk], mode=mode)
-            for text, ex in zip(gen.texts, chunk):
-                correct += answers_match(extract_answer(answer_text(text, mode, cfg.data.answer_prompt)), ex.answer)
+        report, _ = evaluate(model, examples, mode=resolve_mode(cfg.method), batch_size=bs, progress=False)
     finally:
         model.train(was_training)
     n = len(examples)
     out = {f"val_{k}": v / n for k, v in sums.items()}
-    out["val_accuracy"] = correct / n
+    out["val_accuracy"] = report.accuracy
     out["val_examples"] = float(n)
     return out
-
-
-def answer_text(text: str, mode: str, answer_prompt: str) -> str | None:
-    """The decoded answer: everything generated (after P) in latent/direct mode; after the last P in cot mode."""
-    if mode != "cot":
-        return text
-    if answer_prompt not in text:
-        return None
-    return text.rsplit(answer_prompt, 1)[1]
 
 
 # ============================================================================

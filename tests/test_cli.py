@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import REPO, tiny_config
 from kava.cli import main
