@@ -22,8 +22,8 @@ test-all: setup  ## also the slow checks
 demo: setup  ## train KaVa and No-CoT from scratch on the synthetic task, evaluate, report (runs/demo)
 	$(PY) -m kava demo --output runs/demo
 
-ablate: setup  ## the ablation table on the demo task (about 2 hours)
-	$(PY) -m kava demo --ablate --output runs/ablate
+ablate: setup  ## the ablation table on the demo task (15 runs; 3-4 hours on a 2-core CPU)
+	$(PY) -m kava demo --ablate --output runs/ablate --results-md docs/results.md
 
 smollm2: setup  ## a longer LoRA run on the real SmolLM2-135M-Instruct, offline
 	$(PY) -m kava train --preset smollm2-gsm8k --output runs/smollm2 --set train.max_steps=300

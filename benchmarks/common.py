@@ -526,6 +526,38 @@ def train_flops(model: KavaModel, passes: list[tuple[int, int, int, int]]) -> fl
                  + 4 * c.hidden_size * c.vocab_size * logits)
 
 
+def forward_flops(model: KavaModel, passes: list[tuple[int, int, int, int]]) -> float:
+    """Forward-only model FLOPs of ``passes`` (same tuples as :func:`train_flops`), padding excluded:
+    2 * (W_frozen + W_lora) per token, 4 * L * H_q * d_head per (query, key) pair, 2 * D * V per logit."""
+    c = model.config
+    frozen, lora = _matmul_params(model)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    tok = pairs = logits = 0
+    for rows, new, cached, lg in passes:
+        tok += rows * new
+        pairs += rows * (new * cached + new * (new + 1) // 2)
+        logits += rows * lg
+    return float(2 * (frozen + lora) * tok + 4 * c.num_hidden_layers * c.num_attention_heads * head_dim * pairs
+                 + 2 * c.hidden_size * c.vocab_size * logits)
+
+
+def gemm_gflops(hidden: int, device, dtype=torch.float32, rows: int = 2048, repeats: int = 5) -> float:
+    """Reference matmul rate: [rows, hidden] @ [hidden, 4 * hidden] (an MLP up-projection), median
+    over ``repeats`` on :func:`default_clock`. A yardstick for the useful GFLOP/s of a workload."""
+    a = torch.randn(rows, hidden, device=device, dtype=dtype)
+    b = torch.randn(hidden, 4 * hidden, device=device, dtype=dtype)
+    times = interleaved({"mm": lambda: a @ b}, repeats=repeats, warmup=2, device=device)["mm"]
+    return 2 * rows * hidden * 4 * hidden / median(times) / 1e9
+
+
+def latent_generate_passes(Q: int, M: int, T: int, P: int, answer_tokens: int) -> list[tuple[int, int, int, int]]:
+    """Model calls of ``generate(mode="latent")`` for one question of Q prefix tokens: pass 0 (Q + M),
+    T Jacobi passes (M on Q cached), the ``<eot> P`` pass (1 logit), then answer_tokens - 1 decode steps."""
+    out = [(1, Q + M, 0, 0)] + [(1, M, Q, 0)] * T + [(1, P, Q + M, 1)]
+    out += [(1, 1, Q + M + P + i, 1) for i in range(answer_tokens - 1)]
+    return out
+
+
 def step_passes(L: Lengths, batch: int, M: int, T: int, answer_prompt_len: int, kava: bool) -> list[tuple[int, int, int, int]]:
     """The model calls of a CoT-SFT step (teacher only) or a KaVa step (teacher + Jacobi student), for train_flops."""
     teacher = [(batch, L.teacher, 0, L.C + L.A)]  # labels on C, <eot>, P, A, <eos>
@@ -533,3 +565,70 @@ def step_passes(L: Lengths, batch: int, M: int, T: int, answer_prompt_len: int, 
         return teacher
     student = [(batch, L.Q + M, 0, 0)] + [(batch, M, L.Q, 0)] * T + [(batch, L.A, L.Q + M, L.A - answer_prompt_len)]
     return teacher + student
+
+
+# ---------------------------------------------------------------------------
+# candidate fixes measured by the benchmarks (monkeypatches; the library is not changed here)
+# ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def merged_token_rows(model: KavaModel):
+    """Inference-time fix: write peft's trainable-token rows (<bot>, <eot>, <latent>) into the embedding
+    once (``TrainableTokensLayer.merge``: an exact row copy), and restore the originals after.
+
+    Unmerged, every call of the embedding and of the tied LM head runs
+    ``get_merged_weights``: ``W.index_copy(...)``, a fresh copy of the whole V x D matrix per call.
+    """
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    layers = [m for m in model.lm.modules() if isinstance(m, TrainableTokensLayer) and not m.merged]
+    for m in layers:
+        m.merge()
+    try:
+        yield
+    finally:
+        for m in layers:
+            if m.merged:
+                m.unmerge()
+
+
+def _row_override_forward(self, x, active_adapters, *args, **kwargs):
+    """TrainableTokensLayer.forward_adapters without the V x D copy: frozen base weight, then the few
+    trainable rows (embedding) / columns (tied LM head) computed from the deltas and written in."""
+    if self.disable_adapters or not active_adapters or self.merged or len(active_adapters) != 1:
+        return _ORIGINAL_FORWARD[0](self, x, active_adapters, *args, **kwargs)
+    name = active_adapters[0]
+    W = self.base_layer.weight
+    index = torch.tensor(self.token_indices[name], device=W.device)
+    delta = self.trainable_tokens_delta[name].to(W)
+    if isinstance(self.base_layer, torch.nn.Embedding):
+        out = self.base_layer(x)
+        lookup = torch.full((W.shape[0],), -1, dtype=torch.long, device=W.device)
+        lookup[index] = torch.arange(len(index), device=W.device)
+        slot = lookup[x]
+        hit = slot >= 0
+        if not bool(hit.any()):
+            return out
+        return torch.where(hit[..., None], delta[slot.clamp_min(0)], out)
+    out = torch.nn.functional.linear(x, W)  # frozen: no weight gradient
+    return out.index_copy(-1, index, torch.nn.functional.linear(x, delta))
+
+
+_ORIGINAL_FORWARD: list = []
+
+
+@contextlib.contextmanager
+def row_override_trainable_tokens():
+    """Training + inference fix candidate: patch peft's TrainableTokensLayer (see _row_override_forward).
+    Unpatched, the tied LM head also computes the dense V x D weight gradient of ``W.index_copy`` in every
+    backward (as many FLOPs as the logits themselves) and the embedding a dense V x D gradient."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    if _ORIGINAL_FORWARD:  # already patched
+        yield
+        return
+    _ORIGINAL_FORWARD.append(TrainableTokensLayer.forward_adapters)
+    TrainableTokensLayer.forward_adapters = _row_override_forward
+    try:
+        yield
+    finally:
+        TrainableTokensLayer.forward_adapters = _ORIGINAL_FORWARD.pop()

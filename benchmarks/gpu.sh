@@ -80,6 +80,7 @@ p.add_argument("--skip-inference", action="store_true")
 args = p.parse_args()
 out_path = args.out or args.default_out
 device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+env = common.env_info(device)
 if args.quick:
     shape, args.batch, args.teacher_len, args.M, args.T, args.lora_r, args.repeats = common.SHAPES["tiny"], 2, 48, 3, 1, 4, 2
     dtype = "float32"
@@ -188,10 +189,10 @@ for r in results:
         print(f"{r['attn']}: time kava/cot = {r['time_kava/cot']['median']:.3f}, FLOP kava/cot = {r['flop_kava/cot']:.3f}, "
               f"token floor = {r['token_floor_kava/cot']:.3f}")
 if throughput:
-    print(common.markdown_table(["batch", "questions/s", "speedup vs 1", "efficiency = speedup/batch"],
-                                [[x["batch"], x["questions_per_s"], x["speedup_vs_b1"], x["efficiency_vs_linear"]]
-                                 for x in throughput["rows"]]))
-payload = {"benchmark": "gpu", "env": common.env_info(device), "model": info, "peak_tflops": peak,
+    print(common.markdown_table(["batch", "questions/s", "speedup vs 1", "efficiency = speedup/batch", "useful GFLOP/s"],
+                                [[x["batch"], x["questions_per_s"], x["speedup_vs_b1"], x["efficiency_vs_linear"],
+                                  x["useful_gflop_per_s"]] for x in throughput["rows"]]))
+payload = {"benchmark": "gpu", "env": env, "model": info, "peak_tflops": peak,
            "args": vars(args), "tokens": {"Q": L.Q, "C": L.C, "A": L.A}, "results": results,
            "throughput": throughput, "wall_s": time.time() - t_start}
 common.write_json(out_path, payload)

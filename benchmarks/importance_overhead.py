@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     batch = args.batch or (2 if q else 4)
     repeats = args.repeats or (2 if q else 15)
     device = torch.device(args.device)
+    env = common.env_info(device)  # load average at the start
     with common.tmpdir() as work:
         model = common.build_model(args, work, M=3 if q else 24, T=1 if q else 3,
                                    extra=[f"eviction.importance_softmax={args.softmax_over}"])
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
              f"{r['ratio']:.3f} ({r['ratio_quartiles']['q1']:.3f}-{r['ratio_quartiles']['q3']:.3f})",
              r["overhead_pct"], "met" if r["goals"][f"overhead <= {GOAL_PCT}%"] else "missed"] for r in results]
     print(common.markdown_table(headers, rows))
-    payload = {"benchmark": "importance_overhead", "env": common.env_info(device), "model": common.describe_model(model),
+    payload = {"benchmark": "importance_overhead", "env": env, "model": common.describe_model(model),
                "args": vars(args), "repeats": repeats, "results": results}
     common.write_json(args.out, payload)
     print(f"wrote {args.out}", file=sys.stderr)

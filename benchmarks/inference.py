@@ -24,7 +24,9 @@ process CPU time, wall-clock ratio recorded too; see common.interleaved).
 At batch 1 each timed call runs ``--b1-questions`` questions one after another.
 
 Part 2 -- batched latent eval throughput on the same ``--throughput-questions`` (32) questions at
-batch 1, 8, 32 (all questions per timed call, answer length forced to the longest answer).
+batch 1, 8, 32 (all questions per timed call, sorted by token length as ``kava.evaluate`` does,
+answer length forced to the longest answer). Useful GFLOP/s counts the forward FLOPs without
+padding (common.forward_flops); a reference matmul rate (common.gemm_gflops) is the yardstick.
 speedup(B) = throughput(B) / throughput(1); linear scaling would be speedup(B) = B;
 efficiency vs linear = speedup(B) / B. The goal "0.7x linear from batch 1 to 32" is read as
 efficiency(32) >= 0.7, i.e. throughput(32) >= 22.4 x throughput(1).
@@ -75,10 +77,11 @@ def cot_budget(c: dict) -> int:
     return c["C"] + c["P"] + c["A"]
 
 
-def gen_fn(model, chunks: list[tuple[list[str], int]], mode: str, records: list | None = None):
-    """Run generate over each (questions, budget) chunk in turn; keep the Generation records if asked."""
+def gen_fn(model, chunks: list[tuple[list[str], int]], mode: str, records: list | None = None, fix: bool = False):
+    """Run generate over each (questions, budget) chunk in turn; keep the Generation records if asked.
+    fix: with the trainable-token rows merged once (common.merged_token_rows, a candidate fix)."""
     def run():
-        with ignore_eos(model):
+        with ignore_eos(model), (common.merged_token_rows(model) if fix else contextlib.nullcontext()):
             for qs, budget in chunks:
                 g = model.generate(qs, mode=mode, max_new_tokens=budget)
                 if records is not None:
@@ -100,6 +103,8 @@ def part_latent_vs_cot(model, args, device, repeats) -> list[dict]:
     workloads = [("equations", "equations", None), ("nl", "nl", None), (f"nl{args.nl_cot_len}", "nl", args.nl_cot_len)]
     if args.quick:
         workloads = workloads[:2]
+    if args.workloads:
+        workloads = [w for w in workloads if w[0] in args.workloads]
     for name, style, forced in workloads:
         exs = pools[style]
         for bs in args.batch_sizes:
@@ -118,6 +123,9 @@ def part_latent_vs_cot(model, args, device, repeats) -> list[dict]:
             gen_fn(model, chunks_cot, "cot", rec["cot"])()  # records (also a warm-up)
             gen_fn(model, chunks_lat, "latent", rec["latent"])()
             fns = {"cot": gen_fn(model, chunks_cot, "cot"), "latent": gen_fn(model, chunks_lat, "latent")}
+            if args.compare_fix:
+                fns.update({"cot+fix": gen_fn(model, chunks_cot, "cot", fix=True),
+                            "latent+fix": gen_fn(model, chunks_lat, "latent", fix=True)})
             both: dict = {}
             times = common.interleaved(fns, repeats=repeats, warmup=args.warmup, device=device, both=both)
             r = common.paired_ratio(times, "cot", "latent")
@@ -143,6 +151,10 @@ def part_latent_vs_cot(model, args, device, repeats) -> list[dict]:
                                                  "latent": mean([1 + T + c["A"] for c in counts])},
                 "M": M, "T": T,
             }
+            if args.compare_fix:
+                row["fix"] = {"cot+fix/cot": common.paired_ratio(times, "cot+fix", "cot")["median"],
+                              "latent+fix/latent": common.paired_ratio(times, "latent+fix", "latent")["median"],
+                              "speedup_with_fix": common.paired_ratio(times, "cot+fix", "latent+fix")["median"]}
             if name.startswith("nl") and bs == 1:
                 row["goals"] = {"speedup >= 5x": row["speedup_cot_over_latent"] >= 5.0,
                                 "pass reduction >= 80%": row["pass_reduction_pct"] >= 80.0}
@@ -155,6 +167,8 @@ def part_latent_vs_cot(model, args, device, repeats) -> list[dict]:
 def part_throughput(model, args, device, repeats) -> dict:
     n = args.throughput_questions
     _, test = make_splits(0, n, seed=args.seed, style="equations")
+    # sorted by token length, as kava.evaluate batches them
+    test = sorted(test, key=lambda e: len(model.encoder.question_ids(e.question)))
     qs = [e.question for e in test]
     budget = max(c["A"] for c in token_counts(model, test))
     sizes = [b for b in args.throughput_batches if b <= n]
@@ -162,7 +176,12 @@ def part_throughput(model, args, device, repeats) -> dict:
     both: dict = {}
     times = common.interleaved(fns, repeats=repeats, warmup=args.warmup, device=device, both=both)
     lens = [len(model.encoder.question_ids(q)) for q in qs]
-    out = {"questions": n, "answer_tokens_forced": budget, "batch_sizes": sizes, "rows": []}
+    M, T = model.cfg.latent.num_tokens, model.cfg.latent.num_iterations
+    P = 1 + len(model.encoder.prompt_ids)
+    # useful forward FLOPs of the whole workload (padding excluded), the same at every batch size
+    flops = sum(common.forward_flops(model, common.latent_generate_passes(q, M, T, P, budget)) for q in lens)
+    out = {"questions": n, "answer_tokens_forced": budget, "batch_sizes": sizes, "useful_gflop": flops / 1e9,
+           "clock": common.default_clock(device), "rows": []}
     for b in sizes:
         # time(b1)/time(b) per round = throughput(b)/throughput(1)
         r = common.paired_ratio(times, "b1", f"b{b}") if b != 1 else {"median": 1.0, "q1": 1.0, "q3": 1.0}
@@ -176,7 +195,9 @@ def part_throughput(model, args, device, repeats) -> dict:
             "efficiency_vs_linear": r["median"] / b,
             "time_per_question_vs_b1": 1 / r["median"],
             "prefix_padding_fraction": pad,
+            "useful_gflop_per_s": flops / 1e9 / common.median(times[f"b{b}"]),
         })
+    out["reference_gemm_gflop_per_s"] = common.gemm_gflops(model.config.hidden_size, device, next(model.parameters()).dtype)
     last = out["rows"][-1]
     out["goals"] = {f"efficiency({last['batch']}) >= 0.7": last["efficiency_vs_linear"] >= 0.7}
     out["clock"] = both["clock"]
@@ -195,7 +216,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--M", type=int, default=None, help="latent tokens (24)")
     p.add_argument("--T", type=int, default=None, help="Jacobi iterations (3)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workloads", nargs="+", default=None, help="subset of: equations nl nl90")
+    p.add_argument("--compare-fix", action="store_true",
+                   help="also time generation with the trainable-token rows merged once per call (candidate fix)")
     p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--only-throughput", action="store_true", help="skip part 1 (latent vs CoT)")
     args = p.parse_args(argv)
     common.finish_common_args(args)
     q = args.quick
@@ -207,11 +232,12 @@ def main(argv: list[str] | None = None) -> dict:
     T = args.T if args.T is not None else (1 if q else 3)
     repeats = args.repeats or (1 if q else 7)
     device = torch.device(args.device)
+    env = common.env_info(device)  # load average at the start
     with common.tmpdir() as work:
         model = common.build_model(args, work, M, T)
     model.eval()
 
-    results = part_latent_vs_cot(model, args, device, repeats)
+    results = [] if args.only_throughput else part_latent_vs_cot(model, args, device, repeats)
     throughput = None if args.skip_throughput else part_throughput(model, args, device, repeats)
 
     headers = ["workload", "batch", "CoT tokens (C)", "t(cot)/t(latent)", "passes/q cot", "passes/q latent",
@@ -220,14 +246,16 @@ def main(argv: list[str] | None = None) -> dict:
              r["forward_passes_per_question"]["cot"], r["forward_passes_per_question"]["latent"], r["pass_reduction_pct"],
              r["generated_tokens_per_question"]["cot"], r["generated_tokens_per_question"]["latent"],
              r["kv_bytes_per_question"]["cot"] / 1024, r["kv_bytes_per_question"]["latent"] / 1024] for r in results]
-    print(common.markdown_table(headers, rows))
+    if rows:
+        print(common.markdown_table(headers, rows))
     if throughput:
         print()
         print(common.markdown_table(
-            ["batch", "questions/s", "speedup vs batch 1", "linear", "efficiency = speedup/batch", "time/question vs batch 1", "prefix padding"],
+            ["batch", "questions/s", "speedup vs batch 1", "linear", "efficiency = speedup/batch", "time/question vs batch 1",
+             "prefix padding", "useful GFLOP/s"],
             [[x["batch"], x["questions_per_s"], x["speedup_vs_b1"], x["batch"], x["efficiency_vs_linear"],
-              x["time_per_question_vs_b1"], x["prefix_padding_fraction"]] for x in throughput["rows"]]))
-    payload = {"benchmark": "inference", "env": common.env_info(device), "model": common.describe_model(model),
+              x["time_per_question_vs_b1"], x["prefix_padding_fraction"], x["useful_gflop_per_s"]] for x in throughput["rows"]]))
+    payload = {"benchmark": "inference", "env": env, "model": common.describe_model(model),
                "args": vars(args), "repeats": repeats, "results": results, "throughput": throughput}
     common.write_json(args.out, payload)
     print(f"wrote {args.out}", file=sys.stderr)

@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
     T = args.T if args.T is not None else (1 if q else 3)
     repeats = args.repeats or (1 if q else 7)
     device = torch.device(args.device)
+    env = common.env_info(device)  # load average at the start
 
     with common.tmpdir() as work:
         model = common.build_model(args, work, M, T)
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
             ["N teacher", "variant", "mem / mem(b)", "time / time(b)"],
             [[r["teacher_len"], k, v, r.get("ablation_time_over_b", {}).get(k, "-")]
              for r in results for k, v in r["ablation_mem_over_b"].items()]))
-    payload = {"benchmark": "step_cost", "env": common.env_info(device), "model": info,
+    payload = {"benchmark": "step_cost", "env": env, "model": info,
                "args": {k: v for k, v in vars(args).items()}, "repeats": repeats, "results": results}
     common.write_json(args.out, payload)
     print(f"wrote {args.out}", file=sys.stderr)
