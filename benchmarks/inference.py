@@ -172,7 +172,8 @@ def part_throughput(model, args, device, repeats) -> dict:
     qs = [e.question for e in test]
     budget = max(c["A"] for c in token_counts(model, test))
     sizes = [b for b in args.throughput_batches if b <= n]
-    fns = {f"b{b}": gen_fn(model, [(qs[i: i + b], budget) for i in range(0, n, b)], "latent") for b in sizes}
+    fix = bool(getattr(args, "fix", False))
+    fns = {f"b{b}": gen_fn(model, [(qs[i: i + b], budget) for i in range(0, n, b)], "latent", fix=fix) for b in sizes}
     both: dict = {}
     times = common.interleaved(fns, repeats=repeats, warmup=args.warmup, device=device, both=both)
     lens = [len(model.encoder.question_ids(q)) for q in qs]
@@ -180,7 +181,7 @@ def part_throughput(model, args, device, repeats) -> dict:
     P = 1 + len(model.encoder.prompt_ids)
     # useful forward FLOPs of the whole workload (padding excluded), the same at every batch size
     flops = sum(common.forward_flops(model, common.latent_generate_passes(q, M, T, P, budget)) for q in lens)
-    out = {"questions": n, "answer_tokens_forced": budget, "batch_sizes": sizes, "useful_gflop": flops / 1e9,
+    out = {"questions": n, "answer_tokens_forced": budget, "batch_sizes": sizes, "useful_gflop": flops / 1e9, "fix": fix,
            "clock": common.default_clock(device), "rows": []}
     for b in sizes:
         # time(b1)/time(b) per round = throughput(b)/throughput(1)
@@ -219,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workloads", nargs="+", default=None, help="subset of: equations nl nl90")
     p.add_argument("--compare-fix", action="store_true",
                    help="also time generation with the trainable-token rows merged once per call (candidate fix)")
+    p.add_argument("--fix", action="store_true", help="part 2 with the candidate fix (merged trainable-token rows)")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--only-throughput", action="store_true", help="skip part 1 (latent vs CoT)")
     args = p.parse_args(argv)
