@@ -568,27 +568,11 @@ def step_passes(L: Lengths, batch: int, M: int, T: int, answer_prompt_len: int, 
 
 
 # ---------------------------------------------------------------------------
-# candidate fixes measured by the benchmarks (monkeypatches; the library is not changed here)
+# candidate fixes measured by the benchmarks (the first is now in the library)
 # ---------------------------------------------------------------------------
-@contextlib.contextmanager
 def merged_token_rows(model: KavaModel):
-    """Inference-time fix: write peft's trainable-token rows (<bot>, <eot>, <latent>) into the embedding
-    once (``TrainableTokensLayer.merge``: an exact row copy), and restore the originals after.
-
-    Unmerged, every call of the embedding and of the tied LM head runs
-    ``get_merged_weights``: ``W.index_copy(...)``, a fresh copy of the whole V x D matrix per call.
-    """
-    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
-
-    layers = [m for m in model.lm.modules() if isinstance(m, TrainableTokensLayer) and not m.merged]
-    for m in layers:
-        m.merge()
-    try:
-        yield
-    finally:
-        for m in layers:
-            if m.merged:
-                m.unmerge()
+    """The library's own fix (``KavaModel.merged_token_rows``; ``generate`` now always uses it)."""
+    return model.merged_token_rows()
 
 
 def _row_override_forward(self, x, active_adapters, *args, **kwargs):

@@ -1,6 +1,7 @@
 """KavaModel: one backbone, two modes (teacher, student), the KaVa training loss, generation, save/load."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -200,6 +201,25 @@ class KavaModel(nn.Module):
         )
 
     # ---- generation --------------------------------------------------------
+    @contextlib.contextmanager
+    def merged_token_rows(self):
+        """Write peft's trainable-token rows into the embedding for the duration (restored after).
+
+        Unmerged, every embedding / tied-LM-head call copies the whole V x D matrix (peft's
+        ``get_merged_weights``): a third of batch-1 decoding time (docs/perf.md).
+        """
+        from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+        layers = [m for m in self.lm.modules() if isinstance(m, TrainableTokensLayer) and not m.merged]
+        for m in layers:
+            m.merge()
+        try:
+            yield
+        finally:
+            for m in layers:
+                if m.merged:
+                    m.unmerge()
+
     @torch.no_grad()
     def generate(self, questions: list[str], mode: str = "latent", max_new_tokens: int | None = None) -> "Generation":
         """Greedy, batched, batch-invariant generation.
@@ -207,6 +227,10 @@ class KavaModel(nn.Module):
         mode: ``latent`` (latents, then ``<eot> P`` and the answer), ``direct`` (no latents: No-CoT),
         ``cot`` (teacher mode: write C <eot> P A).
         """
+        with self.merged_token_rows():
+            return self._generate(questions, mode, max_new_tokens)
+
+    def _generate(self, questions: list[str], mode: str, max_new_tokens: int | None) -> "Generation":
         if mode not in ("latent", "direct", "cot"):
             raise ValueError(f"mode={mode!r}: expected latent, direct or cot")
         ev = self.cfg.eval
