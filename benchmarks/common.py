@@ -497,6 +497,16 @@ def _matmul_params(model: KavaModel) -> tuple[int, int]:
     return frozen, lora
 
 
+def _pass_counts(passes: list[tuple[int, int, int, int]]) -> tuple[int, int, int]:
+    """(tokens, causal (query, key) pairs, logit rows) of ``passes`` = [(rows, new, cached, logits)]."""
+    tok = pairs = logits = 0
+    for rows, new, cached, lg in passes:
+        tok += rows * new
+        pairs += rows * (new * cached + new * (new + 1) // 2)
+        logits += rows * lg
+    return tok, pairs, logits
+
+
 def train_flops(model: KavaModel, passes: list[tuple[int, int, int, int]]) -> float:
     """Model FLOPs of one LoRA training step (forward + backward), padding excluded.
 
@@ -517,11 +527,7 @@ def train_flops(model: KavaModel, passes: list[tuple[int, int, int, int]]) -> fl
     c = model.config
     frozen, lora = _matmul_params(model)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    tok = pairs = logits = 0
-    for rows, new, cached, lg in passes:
-        tok += rows * new
-        pairs += rows * (new * cached + new * (new + 1) // 2)
-        logits += rows * lg
+    tok, pairs, logits = _pass_counts(passes)
     return float(4 * frozen * tok + 6 * lora * tok + 12 * c.num_hidden_layers * c.num_attention_heads * head_dim * pairs
                  + 4 * c.hidden_size * c.vocab_size * logits)
 
@@ -532,11 +538,7 @@ def forward_flops(model: KavaModel, passes: list[tuple[int, int, int, int]]) -> 
     c = model.config
     frozen, lora = _matmul_params(model)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    tok = pairs = logits = 0
-    for rows, new, cached, lg in passes:
-        tok += rows * new
-        pairs += rows * (new * cached + new * (new + 1) // 2)
-        logits += rows * lg
+    tok, pairs, logits = _pass_counts(passes)
     return float(2 * (frozen + lora) * tok + 4 * c.num_hidden_layers * c.num_attention_heads * head_dim * pairs
                  + 2 * c.hidden_size * c.vocab_size * logits)
 
