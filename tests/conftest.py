@@ -87,6 +87,15 @@ def tiny_config(model_dir: Path, **overrides):
     return cfg.override(sets)
 
 
+def perturb_trainables(model, seed: int = 1) -> None:
+    """LoRA B starts at zero; give every trainable tensor random values so tests see the adapters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
 @pytest.fixture(params=["llama", "qwen2"])
 def tiny_dir(request, tiny_llama_dir, tiny_qwen_dir) -> Path:
     return tiny_llama_dir if request.param == "llama" else tiny_qwen_dir

@@ -7,9 +7,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
-from conftest import SHARED_DATA, tiny_config
+from conftest import SHARED_DATA, perturb_trainables, tiny_config
 from kava.config import KavaConfig
 from kava.data import Example
 from kava.data.formats import DataError, load_examples
@@ -28,19 +27,11 @@ ROWS = [
 ]
 
 
-def perturb(model: KavaModel, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tiny_llama_dir, tmp_path_factory) -> Path:
     cfg = tiny_config(tiny_llama_dir, **{"eval.max_answer_tokens": 4, "eval.max_cot_tokens": 6, "eval.batch_size": 2})
     model = KavaModel.from_config(cfg)
-    perturb(model)
+    perturb_trainables(model)
     return model.save(tmp_path_factory.mktemp("ckpt"))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import perturb_trainables, tiny_config
 from kava.data import Example
 from kava.data.collate import collate_student, collate_teacher
 from kava.model import KavaModel
@@ -17,15 +17,6 @@ EXAMPLES = [
     Example("A cat", ["<<1+1=2>>"], "2"),
 ]
 ATOL = 1e-5
-
-
-def perturb_trainables(model: KavaModel, seed: int = 1) -> None:
-    """LoRA B starts at zero; give every trainable tensor random values so tests see the adapters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def make_model(model_dir, **overrides) -> KavaModel:
