@@ -94,6 +94,11 @@ class KavaModel(nn.Module):
         )
         return out
 
+    def _prefix_pass(self, prefix_ids, prefix_mask):
+        """``Q <bot>`` alone (no latents): -> (model output, next position [B])."""
+        out = self._decode(self.embed(prefix_ids), prefix_mask, positions_from_mask(prefix_mask), None)
+        return out, prefix_mask.long().sum(-1)
+
     def _decoder_fn(self):
         def call(embeds, mask, positions, cache):
             out = self._decode(embeds, mask, positions, cache)
@@ -160,8 +165,8 @@ class KavaModel(nn.Module):
             cache, past_mask, start = trace.cache, trace.mask, trace.next_position
         else:
             trace = None
-            out = self._decode(self.embed(batch.prefix_ids), batch.prefix_mask, positions_from_mask(batch.prefix_mask), None)
-            cache, past_mask, start = out.cache, batch.prefix_mask, batch.prefix_mask.long().sum(-1)
+            out, start = self._prefix_pass(batch.prefix_ids, batch.prefix_mask)
+            cache, past_mask = out.cache, batch.prefix_mask
         positions = positions_from_mask(batch.suffix_mask, start)
         out = self._decode(
             self.embed(batch.suffix_ids), torch.cat([past_mask, batch.suffix_mask], 1), positions, cache,
@@ -242,8 +247,8 @@ class KavaModel(nn.Module):
         B = len(questions)
         trace = None
         if mode == "cot":
-            out = self._decode(self.embed(prefix_ids), prefix_mask, positions_from_mask(prefix_mask), None)
-            cache, mask, pos, calls = out.cache, prefix_mask, prefix_mask.long().sum(-1), 1
+            out, pos = self._prefix_pass(prefix_ids, prefix_mask)
+            cache, mask, calls = out.cache, prefix_mask, 1
             last_hidden = out.last_hidden_state[:, -1]
             budget = max_new_tokens or ev.max_cot_tokens
         else:
@@ -251,8 +256,8 @@ class KavaModel(nn.Module):
                 trace = self.latent_reasoning(prefix_ids, prefix_mask)
                 cache, mask, pos, calls = trace.cache, trace.mask, trace.next_position, trace.forward_passes
             else:
-                out = self._decode(self.embed(prefix_ids), prefix_mask, positions_from_mask(prefix_mask), None)
-                cache, mask, pos, calls = out.cache, prefix_mask, prefix_mask.long().sum(-1), 1
+                out, pos = self._prefix_pass(prefix_ids, prefix_mask)
+                cache, mask, calls = out.cache, prefix_mask, 1
             prompt = torch.tensor([enc.eot] + enc.prompt_ids, device=device).expand(B, -1)
             p = prompt.shape[1]
             mask = torch.cat([mask, mask.new_ones(B, p)], 1)
