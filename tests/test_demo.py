@@ -34,3 +34,30 @@ def test_ablation_list_covers_method_md():
                    "eviction.method=random", "latent.num_tokens=6", "latent.num_tokens=12", "latent.num_tokens=24",
                    "latent.num_iterations=0", "latent.num_iterations=1", "latent.num_iterations=3"):
         assert needed in sets
+
+
+def test_ablation_trains_each_distinct_config_once(tmp_path, monkeypatch):
+    """Variants equal to the demo default (M=6, T=3 when the demo uses them) reuse the kava run, marked in the table."""
+    import kava.demo as demo
+
+    calls = []
+
+    def fake_train_and_eval(name, cfg, out, test_path, modes):
+        calls.append((name, cfg.latent.num_tokens, cfg.latent.num_iterations, cfg.method))
+        acc = 0.01 * len(calls)
+        return {"train_s": 1.0, "latent": {"accuracy": acc, "ci95": [acc / 2, acc * 2], "n": 8,
+                                           "forward_passes_mean": 5.0}}
+
+    monkeypatch.setattr(demo, "train_and_eval", fake_train_and_eval)
+    rows = demo.run_ablation(tmp_path / "abl", 0, demo.QUICK, [], None)
+    assert len(rows) == len(ABLATIONS)
+    base = demo.demo_config(tmp_path, tmp_path, 0, [])
+    dup_labels = {f"M={base.latent.num_tokens}", f"T={base.latent.num_iterations}"}
+    assert len(calls) == len(ABLATIONS) - len(dup_labels)
+    by_label = {r["variant"]: r for r in rows}
+    for label in dup_labels:
+        assert by_label[label]["same_run_as"] == "kava"
+        assert by_label[label]["accuracy"] == by_label["kava"]["accuracy"]
+    assert by_label["M=24"]["same_run_as"] is None
+    table = (tmp_path / "abl" / "ablation.md").read_text()
+    assert f"M={base.latent.num_tokens} (= kava)" in table
