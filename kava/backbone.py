@@ -139,6 +139,17 @@ class LatentProjection(nn.Module):
         if enabled:
             self.net = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width), nn.LayerNorm(width))
 
+    @torch.no_grad()
+    def match_embedding_scale(self, embeddings: torch.Tensor) -> None:
+        """Set the LayerNorm gain so that a latent starts with the mean norm of a token embedding.
+
+        A LayerNorm output has norm ~sqrt(D); token embeddings of a small or from-scratch model are far smaller, and
+        a latent input that dwarfs the residual updates of a pre-norm block is hard for the layers to change.
+        """
+        if self.enabled:
+            scale = embeddings.float().norm(dim=-1).mean() / embeddings.shape[-1] ** 0.5
+            self.net[3].weight.fill_(float(scale))
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return h

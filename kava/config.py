@@ -53,6 +53,7 @@ class LatentCfg:
     num_iterations: int = _f(3, "T: Jacobi iterations after pass 0")
     mode: Literal["jacobi", "sequential"] = _f("jacobi", "latent computation: jacobi (PCCoT, parallel) or sequential (CODI, one token per pass)")
     use_projection: bool = _f(True, "map hidden states to latent inputs through Linear-GELU-Linear-LayerNorm (false = identity)")
+    projection_scale: Literal["unit", "embedding"] = _f("unit", "initial LayerNorm gain of prj: unit (1, as CODI) or embedding (latents start at the mean token-embedding norm)")
 
 
 @dataclass

@@ -71,6 +71,8 @@ class KavaModel(nn.Module):
         self.lm_head = base.lm_head
         self.config = base.config
         self.projection = LatentProjection(self.config.hidden_size, cfg.latent.use_projection)
+        if cfg.latent.projection_scale == "embedding":
+            self.projection.match_embedding_scale(base.get_input_embeddings().weight)
 
     # ---- construction ------------------------------------------------------
     @classmethod

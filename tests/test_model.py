@@ -53,6 +53,23 @@ def test_projection_switch(tiny_llama_dir):
     assert torch.equal(model.projection(h), h)
 
 
+@pytest.mark.parametrize("lora", ["true", "false"])
+def test_projection_scale_embedding_matches_token_norm(tiny_llama_dir, lora):
+    """projection_scale=embedding: latents start at the mean token-embedding norm (unit: at ~sqrt(D))."""
+    torch.manual_seed(0)
+    norms = {}
+    for scale in ("unit", "embedding"):
+        model = KavaModel.from_config(tiny_config(tiny_llama_dir, **{"latent.projection_scale": scale, "lora.enabled": lora}))
+        D = model.config.hidden_size
+        emb = model.decoder_stack.embed_tokens
+        emb = emb.base_layer if hasattr(emb, "base_layer") else emb  # peft's trainable-token wrapper
+        token_norm = emb.weight.float().norm(dim=-1).mean()
+        norms[scale] = model.projection(torch.randn(64, 8, D)).norm(dim=-1).mean()
+        if scale == "embedding":
+            assert torch.allclose(norms[scale], token_norm, rtol=0.05)
+    assert torch.allclose(norms["unit"], torch.tensor(model.config.hidden_size ** 0.5), rtol=0.05)
+
+
 @pytest.mark.parametrize("mode", ["jacobi", "sequential"])
 def test_batch_invariance(tiny_dir, mode):
     """Each example alone == inside a batch padded with longer and shorter examples."""
