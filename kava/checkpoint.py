@@ -41,6 +41,8 @@ MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Keys that must agree between a checkpoint and the run that loads it.
 MUST_MATCH = ("model.name_or_path", "latent.num_tokens", "latent.use_projection", "lora.enabled", "lora.r")
+# A branch (--init-from) may change anything that does not change the parameter set.
+SHAPE_KEYS = ("model.name_or_path", "latent.use_projection", "lora.enabled", "lora.r")
 
 
 class CheckpointError(ConfigError):
@@ -311,10 +313,10 @@ def resolve_resume(path: str | Path) -> Path:
 # ----------------------------------------------------------------------------
 # load
 # ----------------------------------------------------------------------------
-def check_compatible(path: Path, cfg: KavaConfig) -> None:
+def check_compatible(path: Path, cfg: KavaConfig, keys: tuple[str, ...] = MUST_MATCH) -> None:
     """Refuse a checkpoint whose architecture-defining keys differ from the current run's."""
     theirs = KavaConfig.from_yaml(path / "config.yaml")
-    for key in MUST_MATCH:
+    for key in keys:
         a, b = _get(cfg, key), _get(theirs, key)
         if a != b:
             raise CheckpointError(f"{path}: checkpoint has {key}={b!r} but this run has {key}={a!r}; refusing to load")
@@ -351,13 +353,17 @@ def load_model_weights(path: Path, model) -> None:
         model.projection.load_state_dict(load_file(path / "projection.safetensors"))
 
 
-def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
-    """Restore model weights, optimizer, scheduler and RNG from a complete checkpoint. -> train_state."""
+def load_checkpoint(path: str | Path, model, optimizer, scheduler, branch: bool = False) -> dict:
+    """Restore model weights, optimizer, scheduler and RNG from a complete checkpoint. -> train_state.
+
+    ``branch``: the loading run has its own config (an ablation branching off a shared warm start);
+    only the keys that shape the parameters must agree.
+    """
     p = Path(path)
     reason = verify_checkpoint(p)
     if reason is not None:
         raise CheckpointError(f"{p}: incomplete or corrupt checkpoint ({reason}); refusing to load")
-    check_compatible(p, model.cfg)
+    check_compatible(p, model.cfg, SHAPE_KEYS if branch else MUST_MATCH)
     load_model_weights(p, model)
     if optimizer is not None:
         optimizer.load_state_dict(_load_state(p, "optimizer"))

@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one config field, e.g. --set latent.num_iterations=3 (repeatable, one pair each)")
     t.add_argument("--output", required=True, metavar="DIR", help="run directory (checkpoints, logs, final model)")
     t.add_argument("--resume", metavar="DIR", help="resume from this checkpoint directory")
+    t.add_argument("--init-from", metavar="DIR", help="branch off this checkpoint (weights, optimizer, schedule, step) "
+                   "under the given config, e.g. an ablation off a shared teacher warm start")
 
     # ---- eval --------------------------------------------------------------
     e = sub.add_parser(
@@ -162,7 +164,7 @@ def cmd_train(args) -> int:
 
     log.info("training %s from %s into %s", cfg.method, path, args.output)
     try:
-        final = train.run_training(cfg, args.output, resume=args.resume)
+        final = train.run_training(cfg, args.output, resume=args.resume, init_from=args.init_from)
     except KeyboardInterrupt:
         # A first SIGINT/SIGTERM makes run_training save and return normally (exit 0, above);
         # this is a second Ctrl-C that cut the run short without a checkpoint for the current step.

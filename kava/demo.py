@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from kava.config import KavaConfig
+from kava.checkpoint import step_dir_name
 from kava.train import preset_path
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,9 @@ def demo_config(model_dir: Path, train_path: Path, seed: int, extra: list[str]) 
                          f"train.seed={seed}", *extra])
 
 
-def train_and_eval(name: str, cfg: KavaConfig, out: Path, test_path: Path, modes: list[str]) -> dict:
-    """Train one run (or reuse a finished one) and evaluate it in the given modes."""
+def train_and_eval(name: str, cfg: KavaConfig, out: Path, test_path: Path, modes: list[str],
+                   init_from: Path | None = None) -> dict:
+    """Train one run (or reuse a finished one; ``init_from``: branch off that checkpoint) and evaluate it."""
     from kava.data.formats import load_examples
     from kava.evaluate import evaluate, load_checkpoint
     from kava.train import run_training
@@ -109,7 +111,10 @@ def train_and_eval(name: str, cfg: KavaConfig, out: Path, test_path: Path, modes
     # A finished run is reused (make demo twice = evaluate again); an unfinished one resumes.
     final = latest_checkpoint(run_dir) if (run_dir / "DONE").exists() else None
     if final is None:
-        final = run_training(cfg, run_dir, resume=run_dir if latest_checkpoint(run_dir) else None)
+        if latest_checkpoint(run_dir):
+            final = run_training(cfg, run_dir, resume=run_dir)
+        else:
+            final = run_training(cfg, run_dir, init_from=init_from)
         if final.name != step_dir_name(cfg.train.max_steps):
             raise SystemExit(f"{name}: training stopped early at {final}; run the demo again to resume it")
         (run_dir / "DONE").write_text(str(final))
@@ -197,8 +202,31 @@ def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str]) -> dict:
     return result
 
 
+def shared_warm_start(cfg: KavaConfig, out: Path) -> Path | None:
+    """The teacher-only curriculum steps, trained once: every variant with the same parameter set branches off it."""
+    from kava.checkpoint import latest_checkpoint
+    from kava.train import run_training
+
+    steps = cfg.train.curriculum_cot_steps
+    if steps <= 0:
+        return None
+    run_dir = out / "warm_start"
+    done = run_dir / "checkpoints" / step_dir_name(steps)
+    if latest_checkpoint(run_dir) == done:
+        return done
+    if latest_checkpoint(run_dir) is not None:  # an interrupted warm start: begin it again
+        import shutil
+
+        shutil.rmtree(run_dir)
+    return run_training(cfg, run_dir, stop_after_steps=steps)
+
+
 def run_ablation(out: Path, seed: int, sizes: DemoSizes, extra: list[str], results_md: Path | None) -> list[dict]:
+    from kava.checkpoint import SHAPE_KEYS, _get
+
     train_path, test_path, model_dir = prepare_task(out, seed, sizes)
+    base = demo_config(model_dir, train_path, seed, extra)
+    warm = shared_warm_start(base, out)
     rows = []
     trained: dict[str, tuple[str, dict]] = {}  # resolved config -> (first variant, result)
     for i, (label, sets) in enumerate(ABLATIONS):
@@ -209,7 +237,9 @@ def run_ablation(out: Path, seed: int, sizes: DemoSizes, extra: list[str], resul
             first, r = trained[key]
             same_as = first
         else:
-            r = train_and_eval(f"v{i:02d}", cfg, out, test_path, ["latent"])
+            # The curriculum steps do not depend on latent / eviction / loss settings, only on the parameter set.
+            same_params = all(_get(cfg, k) == _get(base, k) for k in SHAPE_KEYS)
+            r = train_and_eval(f"v{i:02d}", cfg, out, test_path, ["latent"], init_from=warm if same_params else None)
             trained[key] = (label, r)
             same_as = None
         rows.append({"variant": label, "sets": sets, **r["latent"], "train_s": r["train_s"], "same_run_as": same_as})

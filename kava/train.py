@@ -146,10 +146,13 @@ class LossModule(nn.Module):
 
 
 def run_training(cfg: KavaConfig, output_dir: str | Path, resume: str | Path | None = None, *,
-                 stop_after_steps: int | None = None) -> Path:
+                 init_from: str | Path | None = None, stop_after_steps: int | None = None) -> Path:
     """Train ``cfg`` into ``output_dir``; return the final checkpoint directory.
 
     ``resume``: a run directory (its latest complete checkpoint) or a checkpoint directory.
+    ``init_from``: branch a new run off another run's checkpoint: its weights, optimizer, schedule position,
+    RNG and step, under this (different) config. Ablations share one teacher-only warm start this way;
+    a variant branched at step c equals the same variant trained from scratch (tests/test_train.py).
     ``stop_after_steps``: stop (with a checkpoint) after this many steps in this call, as a
     time-boxed job would; ``--resume`` continues with the same schedule and data order.
     SIGTERM / SIGINT finish the current step, save a checkpoint and return it.
@@ -161,7 +164,10 @@ def run_training(cfg: KavaConfig, output_dir: str | Path, resume: str | Path | N
         raise ConfigError("train.curriculum_cot_steps must be 0 for method=nocot (it has no CoT teacher to warm up)")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if resume is not None and init_from is not None:
+        raise ConfigError("give either resume or init_from, not both")
     checkpoint = resolve_resume(resume) if resume is not None else None
+    branch = resolve_resume(init_from) if init_from is not None else None
     if checkpoint is None and latest_checkpoint(out) is not None:
         raise ConfigError(f"{out} already holds checkpoints of an earlier run; resume it (--resume {out}) or choose a new output dir")
 
@@ -191,11 +197,16 @@ def run_training(cfg: KavaConfig, output_dir: str | Path, resume: str | Path | N
                        data_fingerprint=fingerprint(train), seed=cfg.train.seed,
                        global_batch_size=cfg.train.global_batch_size, world_size=accelerator.num_processes,
                        data_counts=report["train"]["filters"])
-    if checkpoint is not None:
-        saved = TrainState.from_dict(load_checkpoint(checkpoint, kava, optimizer, scheduler))
-        check_resumable(saved, state, checkpoint)
+    if checkpoint is not None or branch is not None:
+        source = checkpoint or branch
+        saved = TrainState.from_dict(load_checkpoint(source, kava, optimizer, scheduler, branch=branch is not None))
+        check_resumable(saved, state, source)
+        if branch is not None and saved.step >= max_steps:
+            raise CheckpointError(f"{source}: checkpoint is at step {saved.step}, not before this run's last step {max_steps}")
         state = TrainState(**{**asdict(saved), "max_steps": max_steps, "world_size": accelerator.num_processes})
-        _info(f"resumed from {checkpoint} at step {state.step}/{max_steps}", accelerator)
+        _info(f"{'resumed' if checkpoint else 'branched'} from {source} at step {state.step}/{max_steps}", accelerator)
+        if branch is not None and accelerator.is_main_process:
+            (out / "init_from.json").write_text(json.dumps({"checkpoint": str(branch.resolve()), "step": state.step}))
 
     model, optimizer = accelerator.prepare(LossModule(kava), optimizer)
     run = Run(cfg=cfg, out=out, accelerator=accelerator, model=model, kava=kava, optimizer=optimizer,
@@ -617,12 +628,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="YAML config file or preset name (configs/<name>.yaml)")
     p.add_argument("--output", required=True, help="run directory (checkpoints, metrics.jsonl, config.yaml)")
     p.add_argument("--resume", default=None, help="run directory or checkpoint directory to continue from")
+    p.add_argument("--init-from", default=None, help="checkpoint to branch off under this config (see run_training)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     args = p.parse_args(argv)
     try:
         path = Path(args.config) if Path(args.config).is_file() else preset_path(args.config)
         cfg = KavaConfig.from_yaml(path).override(args.set)
-        run_training(cfg, args.output, resume=args.resume)
+        run_training(cfg, args.output, resume=args.resume, init_from=args.init_from)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

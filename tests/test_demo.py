@@ -42,15 +42,21 @@ def test_ablation_trains_each_distinct_config_once(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_train_and_eval(name, cfg, out, test_path, modes):
-        calls.append((name, cfg.latent.num_tokens, cfg.latent.num_iterations, cfg.method))
+    def fake_train_and_eval(name, cfg, out, test_path, modes, init_from=None):
+        calls.append((name, cfg.latent.use_projection, init_from))
         acc = 0.01 * len(calls)
         return {"train_s": 1.0, "latent": {"accuracy": acc, "ci95": [acc / 2, acc * 2], "n": 8,
                                            "forward_passes_mean": 5.0}}
 
     monkeypatch.setattr(demo, "train_and_eval", fake_train_and_eval)
-    rows = demo.run_ablation(tmp_path / "abl", 0, demo.QUICK, [], None)
+    tiny = ["train.max_steps=3", "train.curriculum_cot_steps=2", "train.global_batch_size=4", "train.micro_batch_size=4"]
+    rows = demo.run_ablation(tmp_path / "abl", 0, demo.QUICK, tiny, None)
     assert len(rows) == len(ABLATIONS)
+    # One shared teacher-only warm start; every variant with the same parameter set branches off it.
+    warm = tmp_path / "abl" / "warm_start" / "checkpoints" / "step-000002"
+    assert (warm / "COMPLETE").exists()
+    assert all(init == (warm if proj else None) for _, proj, init in calls)
+    assert sum(1 for _, proj, _ in calls if not proj) == 1
     base = demo.demo_config(tmp_path, tmp_path, 0, [])
     dup_labels = {f"M={base.latent.num_tokens}", f"T={base.latent.num_iterations}"}
     assert len(calls) == len(ABLATIONS) - len(dup_labels)

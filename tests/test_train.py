@@ -165,6 +165,26 @@ def test_exact_resume_is_bit_identical(straight, tmp_path):
     assert [r["loss"] for r in ours] == [r["loss"] for r in ref]
 
 
+def test_branch_off_a_warm_start_equals_training_the_variant_from_scratch(tiny_llama_dir, data, tmp_path):
+    """--init-from: a variant branched off the shared teacher-only steps == the variant trained from step 0."""
+    common = {"train.curriculum_cot_steps": 2, "eviction.method": "rkv"}
+    base = make_cfg(tiny_llama_dir, data, **common)
+    variant = make_cfg(tiny_llama_dir, data, **common, **{"latent.num_tokens": 2, "loss.kv_supervision": "all"})
+    scratch = run_training(variant, tmp_path / "scratch")
+    warm = run_training(base, tmp_path / "base", stop_after_steps=2)
+    branched = run_training(variant, tmp_path / "branch", init_from=warm)
+    assert branched.name == "step-000004"
+    assert_identical(trainable(branched), trainable(scratch))
+    ours, ref = step_records(tmp_path / "branch"), step_records(tmp_path / "scratch")
+    assert [r["step"] for r in ours] == [3, 4]
+    assert [r["loss"] for r in ours] == [r["loss"] for r in ref[2:]]
+    assert json.loads((tmp_path / "branch" / "init_from.json").read_text())["step"] == 2
+    # The branch keeps its own config; a change of parameter set is refused.
+    assert KavaConfig.from_yaml(tmp_path / "branch" / "config.yaml").latent.num_tokens == 2
+    with pytest.raises(ConfigError, match="latent.use_projection"):
+        run_training(variant.override(["latent.use_projection=false"]), tmp_path / "bad", init_from=warm)
+
+
 def test_resume_refuses_changed_data_order(straight, tmp_path):
     shutil.copytree(straight["out"] / "checkpoints", tmp_path / "checkpoints")
     cfg = straight["cfg"].override(["train.seed=1"])
