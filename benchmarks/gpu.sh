@@ -77,6 +77,7 @@ p.add_argument("--repeats", type=int, default=10)
 p.add_argument("--peak-tflops", type=float, default=None, help="default 989 on cuda (H200 bf16 dense), none on cpu")
 p.add_argument("--budget-s", type=float, default=480, help="stop adding timed rounds after this many seconds")
 p.add_argument("--skip-inference", action="store_true")
+p.add_argument("--autocast", action="store_true", help="bf16 autocast around the forward, as accelerate's mixed_precision=bf16")
 args = p.parse_args()
 out_path = args.out or args.default_out
 device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -120,7 +121,8 @@ opt = torch.optim.AdamW(params, lr=1e-7, weight_decay=0.1)
 
 def step(teacher_only):
     def run():
-        loss, _ = model.training_loss(tb, sb, teacher_only=teacher_only)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
+            loss, _ = model.training_loss(tb, sb, teacher_only=teacher_only)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 2.0)
         opt.step()

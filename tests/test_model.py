@@ -240,6 +240,26 @@ def test_load_refuses_mismatched_config(tiny_llama_dir, tmp_path):
         KavaModel.load(tmp_path / "ckpt", expect=other)
 
 
+@pytest.mark.parametrize("mode", ["jacobi", "sequential", "direct"])
+def test_generation_starts_where_training_ends(tiny_dir, mode):
+    """The hidden state that generate() decodes its first answer token from is the one the student CE trains.
+
+    A train/inference mismatch (another prompt, other positions, latents run differently) would make the
+    latent accuracy unrelated to what was trained, with every invariant above still green.
+    """
+    model = make_model(tiny_dir, **({"latent.mode": mode} if mode != "direct" else {}))
+    _, sb = batches(model, EXAMPLES)
+    with torch.no_grad():
+        trained = model.student(sb, use_latents=mode != "direct").hidden[:, -1]  # last layer, at the last P token
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().clone()))
+    try:
+        model.generate([e.question for e in EXAMPLES], mode="latent" if mode != "direct" else "direct", max_new_tokens=1)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(seen[0], trained, atol=ATOL, rtol=0)
+
+
 def test_forward_pass_count(tiny_llama_dir):
     model = make_model(tiny_llama_dir, **{"latent.num_iterations": 2})
     g = model.generate([e.question for e in EXAMPLES], mode="latent", max_new_tokens=4)
