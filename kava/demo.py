@@ -125,10 +125,19 @@ def train_and_eval(name: str, cfg: KavaConfig, out: Path, test_path: Path, modes
     for mode in modes:
         rep, preds = evaluate(model, test, mode=mode, batch_size=cfg.eval.batch_size, progress=False)
         result[mode] = rep.as_dict()
+        result[mode]["accuracy_by_steps"] = accuracy_by_steps(test, preds)
         with (run_dir / f"predictions_{mode}.jsonl").open("w") as fh:
             for p in preds:
                 fh.write(json.dumps(p.as_dict()) + "\n")
     return result
+
+
+def accuracy_by_steps(examples, preds) -> dict[str, float]:
+    """Accuracy per number of reasoning steps (2 / 3 / 4 on the demo task)."""
+    groups: dict[int, list[bool]] = {}
+    for ex, pred in zip(examples, preds, strict=True):
+        groups.setdefault(len(ex.steps), []).append(bool(pred.correct))
+    return {str(n): sum(v) / len(v) for n, v in sorted(groups.items())}
 
 
 def plot_curves(runs: dict[str, Path], path: Path) -> None:
@@ -190,6 +199,10 @@ def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str]) -> dict:
         f"KaVa-latent minus No-CoT: {gap:+.1f} points; CIs {'do not overlap' if disjoint else 'overlap'}. "
         f"Bar (>= +10 points, disjoint CIs): {'MET' if bar else 'NOT MET'}.",
         f"Wall time of this demo: {wall:.0f} s.",
+        "",
+        "Accuracy % by number of reasoning steps: " + "; ".join(
+            f"{label} " + " / ".join(f"{k}: {100 * v:.0f}" for k, v in rep["accuracy_by_steps"].items())
+            for label, rep in (("latent", lat), ("CoT mode", kava["cot"]), ("No-CoT", nc))) + ".",
         "",
         "![training curves](training_curves.png)",
     ]

@@ -18,6 +18,13 @@ def test_demo_quick_end_to_end(tmp_path):
     # Latent mode costs 1 + T + answer tokens; the report must say so for every question.
     preds = [json.loads(x) for x in (out / "kava" / "predictions_latent.jsonl").read_text().splitlines()]
     assert all(p["forward_passes"] == 1 + 3 + p["tokens"] for p in preds)
+    # Accuracy by number of steps agrees with the per-question predictions.
+    test = [json.loads(x) for x in (out / "data" / "test.jsonl").read_text().splitlines()]
+    by = report["kava"]["latent"]["accuracy_by_steps"]
+    for n, acc in by.items():
+        rows = [p["correct"] for p, t in zip(preds, test) if len(t["steps"]) == int(n)]
+        assert acc == sum(rows) / len(rows)
+    assert sum(len([t for t in test if len(t["steps"]) == int(n)]) for n in by) == len(test)
     md = (out / "report.md").read_text()
     assert "KaVa student (latent)" in md and "No-CoT" in md and "95% CI" in md
     assert (out / "training_curves.png").stat().st_size > 1000
