@@ -23,7 +23,8 @@ from kava.data import Example
 
 log = logging.getLogger(__name__)
 
-__all__ = ["decode_latents", "kv_features", "pairwise_kv_cosine", "kv_similarity", "run_analyze", "latent_table"]
+__all__ = ["decode_latents", "kv_features", "pairwise_kv_cosine", "kv_similarity", "latent_swap_ce", "run_analyze",
+           "latent_table"]
 
 
 # ----------------------------------------------------------------------------
@@ -132,6 +133,51 @@ def kv_similarity(model, examples: Sequence[Example], batch_size: int | None = N
         log.warning("kv_similarity: no example has a CoT; the teacher KV is empty")
     mean = total / count.clamp_min(1)[None, None, :]
     return torch.where(count[None, None, :] > 0, mean, torch.full_like(mean, float("nan"))).cpu()
+
+
+# ----------------------------------------------------------------------------
+# do the latents carry the question?
+# ----------------------------------------------------------------------------
+@torch.no_grad()
+def latent_swap_ce(model, examples: Sequence[Example], batch_size: int | None = None,
+                   prepared: bool = False) -> dict[str, float]:
+    """Student answer CE with each question's own latents, and with the latents of another question.
+
+    The latent inputs the answer pass consumed (``trace.consumed``) are shifted by one within the batch;
+    the final latent pass is re-run on each question's own prefix cache, at its own positions, so only
+    the latents change. ``ce_swapped - ce_own`` near 0 means the answer does not depend on the latents:
+    they carry no question-specific information. Returns the token-weighted means and ``n``.
+    Examples get Drop Last as in training unless ``prepared``.
+    """
+    from kava.data.collate import collate_student
+    from kava.latent import _cache_from, _split_cache
+
+    exs = [e for e in (list(examples) if prepared else _prepare(model, examples)) if e.answer]
+    if len(exs) < 2:
+        raise ValueError("latent_swap_ce: needs at least 2 examples with an answer")
+    cfg = model.cfg
+    bs = max(2, batch_size or cfg.eval.batch_size)
+    device = next(model.parameters()).device
+    enc = model.encoder
+    M = cfg.latent.num_tokens
+    sums = {"own": 0.0, "swapped": 0.0}
+    tokens = 0
+    for s in range(0, len(exs), bs):
+        chunk = exs[s:s + bs]
+        if len(chunk) < 2:  # a lone last example has nobody to swap with: join it to the previous chunk
+            chunk = exs[s - 1:s + 1]
+        sb = collate_student([enc.segments(e) for e in chunk], enc.pad).to(device)
+        trace = model.latent_reasoning(sb.prefix_ids, sb.prefix_mask)
+        Nq = sb.prefix_ids.shape[1]
+        prefix_kv, _ = _split_cache(trace.cache, Nq)
+        latent_pos = sb.prefix_mask.long().sum(-1)[:, None] + torch.arange(M, device=device)[None]
+        n_tok = int((sb.suffix_labels[:, 1:] != -100).sum())
+        for name, z in (("own", trace.consumed), ("swapped", trace.consumed.roll(1, dims=0))):
+            _, cache = model._decoder_fn()(z, trace.mask, latent_pos, _cache_from(prefix_kv))
+            ce, _ = model.answer_pass(sb, cache, trace.mask, trace.next_position)
+            sums[name] += float(ce) * n_tok
+        tokens += n_tok
+    return {"ce_own": sums["own"] / tokens, "ce_swapped": sums["swapped"] / tokens, "n": len(exs)}
 
 
 # ----------------------------------------------------------------------------
@@ -261,6 +307,8 @@ def run_analyze(
                 "latent_tokens": toks[j],
             })
 
+    swap = latent_swap_ce(model, prepared, batch_size=batch_size, prepared=True) if len(prepared) >= 2 else None
+
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = _heatmaps(sim, out)
@@ -268,6 +316,9 @@ def run_analyze(
         f"# Latents of `{checkpoint}` on `{data}`\n\n"
         f"Each latent decoded through the LM head (top-{min(3, top_k)} tokens; all {top_k} in analysis.json).\n\n"
         + latent_table(rows, k=min(3, top_k))
+        + (f"\nAnswer CE with each question's own latents: {swap['ce_own']:.4f}; with another question's latents: "
+           f"{swap['ce_swapped']:.4f} (n={swap['n']}). Equal values mean the latents carry nothing the answer uses.\n"
+           if swap else "")
     )
     L = sim.shape[0]
     diag = torch.diagonal(sim, dim1=-2, dim2=-1)  # [L, M]
@@ -283,6 +334,7 @@ def run_analyze(
         "kv_cosine_mean_per_layer": _nan_to_none([float(torch.nanmean(sim[layer])) for layer in range(L)]),
         "kv_cosine_diag_mean_per_layer": _nan_to_none([float(torch.nanmean(diag[layer])) for layer in range(L)]),
         "figures": figures,
+        "latent_swap": swap,
         "latents": rows,
     }
     (out / "analysis.json").write_text(json.dumps(analysis, indent=1, ensure_ascii=False) + "\n")

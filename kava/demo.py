@@ -234,7 +234,10 @@ def shared_warm_start(cfg: KavaConfig, out: Path) -> Path | None:
     return run_training(cfg, run_dir, stop_after_steps=steps)
 
 
-def run_ablation(out: Path, seed: int, sizes: DemoSizes, extra: list[str], results_md: Path | None) -> list[dict]:
+def run_ablation(out: Path, seed: int, sizes: DemoSizes, extra: list[str], results_md: Path | None,
+                 only: set[int] | None = None) -> list[dict]:
+    """Train and evaluate the ABLATIONS variants; ``only``: train just these indices (to share the work between
+    processes: finished variants are reused, so a last call without ``only`` writes the whole table)."""
     from kava.checkpoint import SHAPE_KEYS, _get
 
     train_path, test_path, model_dir = prepare_task(out, seed, sizes)
@@ -243,6 +246,8 @@ def run_ablation(out: Path, seed: int, sizes: DemoSizes, extra: list[str], resul
     rows = []
     trained: dict[str, tuple[str, dict]] = {}  # resolved config -> (first variant, result)
     for i, (label, sets) in enumerate(ABLATIONS):
+        if only is not None and i not in only:
+            continue
         cfg = demo_config(model_dir, train_path, seed, [*extra, *sets])
         key = cfg.resolved().to_yaml()
         if key in trained:
@@ -256,12 +261,14 @@ def run_ablation(out: Path, seed: int, sizes: DemoSizes, extra: list[str], resul
             trained[key] = (label, r)
             same_as = None
         rows.append({"variant": label, "sets": sets, **r["latent"], "train_s": r["train_s"], "same_run_as": same_as})
-        (out / "ablation.json").write_text(json.dumps(rows, indent=1))
-    _write_ablation(rows, out, results_md)
+        if only is None:
+            (out / "ablation.json").write_text(json.dumps(rows, indent=1))
+    if only is None:
+        _write_ablation(rows, out, results_md, extra)
     return rows
 
 
-def _write_ablation(rows: list[dict], out: Path, results_md: Path | None) -> None:
+def _write_ablation(rows: list[dict], out: Path, results_md: Path | None, extra: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,7 +294,8 @@ def _write_ablation(rows: list[dict], out: Path, results_md: Path | None) -> Non
         import shutil
 
         shutil.copy(png, results_md.parent / "ablation.png")
-        section = (f"\n## Ablations on the demo task ({time.strftime('%Y-%m-%d')}, `make ablate`)\n\n"
+        sets = " ".join(f"--set {x}" for x in extra)
+        section = (f"\n## Ablations on the demo task ({time.strftime('%Y-%m-%d')}, `kava demo --ablate {sets}`)\n\n"
                    + "\n".join(table) + "\n\n![ablation](ablation.png)\n")
         with results_md.open("a") as fh:
             fh.write(section)
@@ -300,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--ablate", action="store_true", help="run the ablation variants instead of the demo")
     p.add_argument("--results-md", default=None, help="with --ablate: append the table to this Markdown file")
+    p.add_argument("--only", default=None, metavar="I,J,...",
+                   help="with --ablate: train only these variant indices (0-based, as listed in kava/demo.py); "
+                        "run several such processes, then once without --only to write the table")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default); use 1 on a busy machine")
     args = p.parse_args(argv)
@@ -309,7 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     if args.ablate:
-        run_ablation(out, args.seed, sizes, args.sets, Path(args.results_md) if args.results_md else None)
+        only = {int(x) for x in args.only.split(",")} if args.only else None
+        if only is not None and not only <= set(range(len(ABLATIONS))):
+            p.error(f"--only: indices must be in 0..{len(ABLATIONS) - 1}, got {args.only}")
+        run_ablation(out, args.seed, sizes, args.sets, Path(args.results_md) if args.results_md else None, only)
     else:
         run_demo(out, args.seed, sizes, args.sets)
     return 0

@@ -169,6 +169,11 @@ class KavaModel(nn.Module):
             trace = None
             out, start = self._prefix_pass(batch.prefix_ids, batch.prefix_mask)
             cache, past_mask = out.cache, batch.prefix_mask
+        ce, hidden = self.answer_pass(batch, cache, past_mask, start)
+        return StudentOutput(ce=ce, hidden=hidden, trace=trace)
+
+    def answer_pass(self, batch: StudentBatch, cache, past_mask, start) -> tuple[torch.Tensor, torch.Tensor]:
+        """``<eot> P A <eos>`` on top of ``cache``: -> (answer CE, every layer's hidden state at the last P token)."""
         positions = positions_from_mask(batch.suffix_mask, start)
         out = self._decode(
             self.embed(batch.suffix_ids), torch.cat([past_mask, batch.suffix_mask], 1), positions, cache,
@@ -176,7 +181,7 @@ class KavaModel(nn.Module):
         )
         ce = masked_ce(out.last_hidden_state, batch.suffix_labels, self.lm_head)
         hidden = torch.stack([h[:, batch.prompt_last] for h in out.hidden_states[1:]], dim=1)
-        return StudentOutput(ce=ce, hidden=hidden, trace=trace)
+        return ce, hidden
 
     # ---- the KaVa loss -----------------------------------------------------
     def compress_teacher_kv(self, t: TeacherOutput, generator: torch.Generator | None = None) -> CompressedKV:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import perturb_trainables, tiny_config
 from kava.analyze import (
-    decode_latents, kv_features, kv_similarity, masked_mean_cosine, pairwise_kv_cosine, run_analyze,
+    decode_latents, kv_features, kv_similarity, latent_swap_ce, masked_mean_cosine, pairwise_kv_cosine, run_analyze,
 )
 from kava.config import ConfigError
 from kava.data import Example
@@ -31,11 +31,7 @@ EXAMPLES = [
 @pytest.fixture(scope="module")
 def checkpoint(tiny_llama_dir, tmp_path_factory) -> Path:
     model = KavaModel.from_config(tiny_config(tiny_llama_dir, **{"eval.max_answer_tokens": 3}))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    perturb_trainables(model)
     return model.save(tmp_path_factory.mktemp("ckpt"))
 
 
@@ -161,3 +157,19 @@ def test_run_analyze_refuses_a_model_without_latents(model, tmp_path):
 
     with pytest.raises(ConfigError, match="no latents"):
         run_analyze("x", str(data), tmp_path / "o", model=NoLatents())
+
+
+@pytest.mark.parametrize("mode", ["jacobi", "sequential"])
+def test_latent_swap_own_is_the_training_ce_and_a_swap_changes_it(tiny_llama_dir, mode):
+    from kava.data.collate import collate_student
+
+    model = KavaModel.from_config(tiny_config(tiny_llama_dir, **{"latent.mode": mode}))
+    perturb_trainables(model)
+    model.eval()
+    res = latent_swap_ce(model, EXAMPLES, batch_size=len(EXAMPLES), prepared=True)
+    sb = collate_student([model.encoder.segments(e) for e in EXAMPLES], model.encoder.pad)
+    with torch.no_grad():
+        trained = float(model.student(sb).ce)
+    assert res["n"] == len(EXAMPLES)
+    assert res["ce_own"] == pytest.approx(trained, abs=1e-5)  # the re-run last pass reproduces training
+    assert abs(res["ce_swapped"] - res["ce_own"]) > 1e-4      # and the answer reads the latents

@@ -74,3 +74,9 @@ def test_ablation_trains_each_distinct_config_once(tmp_path, monkeypatch):
     assert by_label["M=24"]["same_run_as"] is None
     table = (tmp_path / "abl" / "ablation.md").read_text()
     assert f"M={base.latent.num_tokens} (= kava)" in table
+    # --only: a share of the variants, no table (a last call without it writes the table).
+    calls.clear()
+    (tmp_path / "abl" / "ablation.md").unlink()
+    rows = demo.run_ablation(tmp_path / "abl", 0, demo.QUICK, tiny, None, only={3, 11})
+    assert [r["variant"] for r in rows] == [ABLATIONS[3][0], ABLATIONS[11][0]] and len(calls) == 2
+    assert not (tmp_path / "abl" / "ablation.md").exists()
