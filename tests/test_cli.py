@@ -102,8 +102,8 @@ def test_train_calls_run_training_with_overrides(config_file, tmp_path, monkeypa
     train = pytest.importorskip("kava.train")
     seen = {}
 
-    def fake_run(cfg, output_dir, resume=None):
-        seen.update(cfg=cfg, output_dir=output_dir, resume=resume)
+    def fake_run(cfg, output_dir, resume=None, init_from=None):
+        seen.update(cfg=cfg, output_dir=output_dir, resume=resume, init_from=init_from)
         return Path(output_dir) / "final"
 
     monkeypatch.setattr(train, "run_training", fake_run)
@@ -114,14 +114,18 @@ def test_train_calls_run_training_with_overrides(config_file, tmp_path, monkeypa
     assert seen["cfg"].latent.num_tokens == 3  # from the file
     assert seen["output_dir"] == str(tmp_path / "run") and seen["resume"] is None
     assert str(tmp_path / "run" / "final") in capsys.readouterr().out
+    ckpt = tmp_path / "warm"
+    ckpt.mkdir()
+    assert main(["train", "--config", str(config_file), "--output", str(tmp_path / "b"), "--init-from", str(ckpt)]) == 0
+    assert seen["init_from"] == str(ckpt) and seen["resume"] is None
 
-    def interrupted(cfg, output_dir, resume=None):
+    def interrupted(cfg, output_dir, resume=None, init_from=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "run_training", interrupted)  # a second Ctrl-C: no checkpoint, status 130
     assert main(["train", "--config", str(config_file), "--output", str(tmp_path / "run")]) == 130
 
-    def aborted(cfg, output_dir, resume=None):
+    def aborted(cfg, output_dir, resume=None, init_from=None):
         raise train.TrainingAborted("5 non-finite steps in a row")
 
     monkeypatch.setattr(train, "run_training", aborted)
