@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from kava.config import ConfigError, KavaConfig
+from kava.config import ConfigError, KavaConfig, config_value
 
 log = logging.getLogger(__name__)
 
@@ -317,15 +317,9 @@ def check_compatible(path: Path, cfg: KavaConfig, keys: tuple[str, ...] = MUST_M
     """Refuse a checkpoint whose architecture-defining keys differ from the current run's."""
     theirs = KavaConfig.from_yaml(path / "config.yaml")
     for key in keys:
-        a, b = _get(cfg, key), _get(theirs, key)
+        a, b = config_value(cfg, key), config_value(theirs, key)
         if a != b:
             raise CheckpointError(f"{path}: checkpoint has {key}={b!r} but this run has {key}={a!r}; refusing to load")
-
-
-def _get(cfg: Any, key: str) -> Any:
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
 
 
 def load_model_weights(path: Path, model) -> None:

@@ -239,10 +239,11 @@ class KavaConfig:
         ]
         for key, ok, what in checks:
             if not ok:
-                raise ConfigError(f"{key}={_get(self, key)!r}: {what}")
+                raise ConfigError(f"{key}={config_value(self, key)!r}: {what}")
 
 
-def _get(cfg: Any, key: str) -> Any:
+def config_value(cfg: Any, key: str) -> Any:
+    """The value of a dotted key, e.g. ``config_value(cfg, "latent.num_tokens")``."""
     for p in key.split("."):
         cfg = getattr(cfg, p)
     return cfg

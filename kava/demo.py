@@ -225,9 +225,10 @@ def shared_warm_start(cfg: KavaConfig, out: Path) -> Path | None:
         return None
     run_dir = out / "warm_start"
     done = run_dir / "checkpoints" / step_dir_name(steps)
-    if latest_checkpoint(run_dir) == done:
+    found = latest_checkpoint(run_dir)
+    if found == done:
         return done
-    if latest_checkpoint(run_dir) is not None:  # an interrupted warm start: begin it again
+    if found is not None:  # an interrupted warm start: begin it again
         import shutil
 
         shutil.rmtree(run_dir)
@@ -238,7 +239,8 @@ def run_ablation(out: Path, seed: int, sizes: DemoSizes, extra: list[str], resul
                  only: set[int] | None = None) -> list[dict]:
     """Train and evaluate the ABLATIONS variants; ``only``: train just these indices (to share the work between
     processes: finished variants are reused, so a last call without ``only`` writes the whole table)."""
-    from kava.checkpoint import SHAPE_KEYS, _get
+    from kava.checkpoint import SHAPE_KEYS
+    from kava.config import config_value
 
     train_path, test_path, model_dir = prepare_task(out, seed, sizes)
     base = demo_config(model_dir, train_path, seed, extra)
@@ -256,7 +258,7 @@ def run_ablation(out: Path, seed: int, sizes: DemoSizes, extra: list[str], resul
             same_as = first
         else:
             # The curriculum steps do not depend on latent / eviction / loss settings, only on the parameter set.
-            same_params = all(_get(cfg, k) == _get(base, k) for k in SHAPE_KEYS)
+            same_params = all(config_value(cfg, k) == config_value(base, k) for k in SHAPE_KEYS)
             r = train_and_eval(f"v{i:02d}", cfg, out, test_path, ["latent"], init_from=warm if same_params else None)
             trained[key] = (label, r)
             same_as = None
