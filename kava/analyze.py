@@ -150,7 +150,7 @@ def latent_swap_ce(model, examples: Sequence[Example], batch_size: int | None = 
     Examples get Drop Last as in training unless ``prepared``.
     """
     from kava.data.collate import collate_student
-    from kava.latent import _cache_from, _split_cache
+    from kava.latent import replay_final_pass
 
     exs = [e for e in (list(examples) if prepared else _prepare(model, examples)) if e.answer]
     if len(exs) < 2:
@@ -168,12 +168,9 @@ def latent_swap_ce(model, examples: Sequence[Example], batch_size: int | None = 
             chunk = exs[s - 1:s + 1]
         sb = collate_student([enc.segments(e) for e in chunk], enc.pad).to(device)
         trace = model.latent_reasoning(sb.prefix_ids, sb.prefix_mask)
-        Nq = sb.prefix_ids.shape[1]
-        prefix_kv, _ = _split_cache(trace.cache, Nq)
-        latent_pos = sb.prefix_mask.long().sum(-1)[:, None] + torch.arange(M, device=device)[None]
         n_tok = int((sb.suffix_labels[:, 1:] != -100).sum())
         for name, z in (("own", trace.consumed), ("swapped", trace.consumed.roll(1, dims=0))):
-            _, cache = model._decoder_fn()(z, trace.mask, latent_pos, _cache_from(prefix_kv))
+            cache = replay_final_pass(model._decoder_fn(), trace, z)
             ce, _ = model.answer_pass(sb, cache, trace.mask, trace.next_position)
             sums[name] += float(ce) * n_tok
         tokens += n_tok

@@ -112,3 +112,18 @@ def run_latents(
         if keep_history:
             history.append(z)
     return LatentTrace(z, consumed, latent_kv, cache, full_mask, n_valid + M, 1 + num_iterations, history)
+
+
+def replay_final_pass(decoder: Callable, trace: LatentTrace, z: torch.Tensor) -> DynamicCache:
+    """Re-run the last latent pass of ``trace`` with other latent inputs ``z`` [B, M, D].
+
+    Same prefix cache, mask and positions as the pass that produced ``trace.cache``; with
+    ``z = trace.consumed`` it rebuilds that cache (in sequential mode too: one causal pass over
+    z_1..z_M gives the KV the M one-token passes gave). -> prefix + latent cache for the answer pass.
+    """
+    M = z.shape[1]
+    prefix_len = trace.mask.shape[1] - M
+    prefix_kv, _ = _split_cache(trace.cache, prefix_len)
+    latent_pos = trace.next_position[:, None] - M + torch.arange(M, device=z.device)[None]
+    _, cache = decoder(z, trace.mask, latent_pos, _cache_from(prefix_kv))
+    return cache

@@ -147,6 +147,24 @@ def test_jacobi_reproduces_sequential(tiny_dir, M):
         torch.testing.assert_close(jac.student(sb).ce, seq.student(sb).ce, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["jacobi", "sequential"])
+def test_replay_final_pass_rebuilds_the_answer_cache(tiny_dir, mode):
+    from kava.latent import replay_final_pass
+
+    model = make_model(tiny_dir, **{"latent.mode": mode, "latent.num_tokens": 4, "latent.num_iterations": 2})
+    _, sb = batches(model, EXAMPLES)
+    with torch.no_grad():
+        trace = model.latent_reasoning(sb.prefix_ids, sb.prefix_mask)
+        own = replay_final_pass(model._decoder_fn(), trace, trace.consumed)
+        other = replay_final_pass(model._decoder_fn(), trace, trace.consumed.roll(1, dims=0))
+    for a, b, c in zip(own.layers, trace.cache.layers, other.layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=ATOL, rtol=0)
+        torch.testing.assert_close(a.values, b.values, atol=ATOL, rtol=0)
+        n = trace.mask.shape[1] - 4
+        torch.testing.assert_close(c.keys[..., :n, :], b.keys[..., :n, :], atol=ATOL, rtol=0)  # prefix kept
+        assert not torch.allclose(c.keys[..., n:, :], b.keys[..., n:, :], atol=1e-3)  # latents swapped
+
+
 @pytest.mark.parametrize("softmax_over", ["cot", "row"])
 @pytest.mark.parametrize("queries", ["prompt_and_answer", "answer"])
 def test_importance_matches_eager_attention(tiny_dir, softmax_over, queries):
