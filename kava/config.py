@@ -118,6 +118,7 @@ class TrainCfg:
     max_bad_steps: int = _f(5, "abort after this many consecutive non-finite steps")
     tensorboard: bool = _f(False, "also log to TensorBoard")
     curriculum_cot_steps: int = _f(0, "first N steps train the teacher CE only (warm-start the CoT teacher)")
+    share_question_pass: bool = _f(True, "student reuses the teacher pass's Q <bot> KV (same values, one question pass fewer per step)")
 
 
 @dataclass

@@ -37,6 +37,20 @@ class LatentTrace:
     history: list[torch.Tensor] = field(default_factory=list)
 
 
+@dataclass
+class QuestionState:
+    """An already computed ``Q <bot>`` prefix in the student's left-padded layout.
+
+    kv:          per layer (K [B, H, Nq, d], V [B, H, Nq, d_v]), with their autograd graph
+    last_hidden: [B, D] final hidden state at <bot>
+    The training step takes both from the teacher pass, whose first tokens are the same ``Q <bot>``
+    at the same positions, so the student skips its own question pass.
+    """
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    last_hidden: torch.Tensor
+
+
 def _cache_from(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     return DynamicCache(ddp_cache_data=kv)
 
@@ -60,23 +74,28 @@ def run_latents(
     num_iterations: int,
     mode: str = "jacobi",
     keep_history: bool = False,
+    question: QuestionState | None = None,
 ) -> LatentTrace:
     """Run latent reasoning on ``Q <bot>`` (left-padded prefix_ids/prefix_mask [B, Nq]).
 
     decoder(inputs_embeds, attention_mask, position_ids, cache) -> (last hidden [B, n, D], cache)
+    question: the prefix already computed (its KV and <bot> hidden state); pass 0 then runs the
+    latent slots only, on top of it. Same values as computing the prefix here.
     """
     B, Nq = prefix_ids.shape
     M = num_tokens
     n_valid = prefix_mask.long().sum(-1)  # [B]
     latent_pos = n_valid[:, None] + torch.arange(M, device=prefix_ids.device)[None]  # [B, M]
     full_mask = torch.cat([prefix_mask, prefix_mask.new_ones(B, M)], dim=1)
-    prefix_emb = embed(prefix_ids)
     history: list[torch.Tensor] = []
 
     if mode == "sequential":
         # CODI: one latent per pass, each fed back as the next input.
-        h, cache = decoder(prefix_emb, prefix_mask, positions_from_mask(prefix_mask), None)
-        z = project(h[:, -1:])
+        if question is None:
+            h, cache = decoder(embed(prefix_ids), prefix_mask, positions_from_mask(prefix_mask), None)
+            z = project(h[:, -1:])
+        else:
+            cache, z = _cache_from(question.kv), project(question.last_hidden[:, None])
         latents = []
         for i in range(M):
             latents.append(z)
@@ -85,20 +104,25 @@ def run_latents(
         latents_t = torch.cat(latents, dim=1)
         _, kv = _split_cache(cache, Nq)
         return LatentTrace(latents_t, latents_t, {max(num_iterations, 1): kv}, cache, full_mask,
-                           n_valid + M, 1 + M, history)
+                           n_valid + M, M + (question is None), history)
 
     # Pass 0: Q <bot> then M copies of <latent>, in one call; keep the prefix KV.
     latent_emb = embed(torch.full((B, M), latent_id, dtype=torch.long, device=prefix_ids.device))
-    h0, cache = decoder(
-        torch.cat([prefix_emb, latent_emb], dim=1),
-        full_mask,
-        torch.cat([positions_from_mask(prefix_mask), latent_pos], dim=1),
-        None,
-    )
+    if question is None:
+        h0, cache = decoder(
+            torch.cat([embed(prefix_ids), latent_emb], dim=1),
+            full_mask,
+            torch.cat([positions_from_mask(prefix_mask), latent_pos], dim=1),
+            None,
+        )
+        h_bot, h_slots = h0[:, Nq - 1 : Nq], h0[:, Nq:]
+    else:
+        h_slots, cache = decoder(latent_emb, full_mask, latent_pos, _cache_from(question.kv))
+        h_bot = question.last_hidden[:, None]
     prefix_kv, kv = _split_cache(cache, Nq)
     latent_kv = {0: kv}
     # z^0_1 = prj(h at <bot>); z^0_i = prj(h at slot i-1).
-    z = project(h0[:, Nq - 1 : Nq + M - 1])
+    z = project(torch.cat([h_bot, h_slots[:, : M - 1]], dim=1))
     consumed = latent_emb
     if keep_history:
         history.append(z)

@@ -17,7 +17,7 @@ from kava.backbone import LatentProjection, add_special_tokens, apply_lora, load
 from kava.config import ConfigError, KavaConfig
 from kava.data.collate import IGNORE, StudentBatch, TeacherBatch, Tokenizer, pad_rows, positions_from_mask
 from kava.eviction import CompressedKV, compress_kv
-from kava.latent import LatentTrace, run_latents
+from kava.latent import LatentTrace, QuestionState, run_latents
 from kava.losses import total_loss
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class TeacherOutput:
     """ce: scalar; cot_keys/cot_values [B, L, H_kv, Nc, d] (detached); cot_valid [B, Nc];
-    hidden [B, L, D] at the last P token (detached); importance [B, L, H_kv, Nc] or None."""
+    hidden [B, L, D] at the last P token (detached); importance [B, L, H_kv, Nc] or None;
+    question: the ``Q <bot>`` KV and <bot> state, not detached, in the student layout (when asked for)."""
 
     ce: torch.Tensor
     cot_keys: torch.Tensor
@@ -34,6 +35,7 @@ class TeacherOutput:
     cot_valid: torch.Tensor
     hidden: torch.Tensor
     importance: torch.Tensor | None
+    question: QuestionState | None = None
 
 
 @dataclass
@@ -54,6 +56,26 @@ def masked_ce(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) ->
     where = targets != IGNORE
     logits = lm_head(hidden[:, :-1][where])
     return F.cross_entropy(logits.float(), targets[where])
+
+
+def question_from_teacher(cache, last_hidden: torch.Tensor, prefix_mask: torch.Tensor) -> QuestionState:
+    """The teacher's ``Q <bot>`` KV and <bot> hidden state, moved to the student's left-padded layout.
+
+    The teacher row starts with the same ``Q <bot>`` tokens at the same position ids (0..n-1), and
+    causal attention keeps later tokens out, so these equal the student's own prefix pass. Gathers
+    keep the autograd graph: the student's losses train the question pass through the teacher's.
+    Pad slots copy position 0; the prefix mask hides them.
+    """
+    B, Nq = prefix_mask.shape
+    n = prefix_mask.long().sum(-1)                                                  # [B]
+    src = (torch.arange(Nq, device=n.device)[None] - (Nq - n)[:, None]).clamp_min(0)  # [B, Nq]
+
+    def move(x: torch.Tensor) -> torch.Tensor:                                       # [B, H, N, d]
+        return torch.gather(x, 2, src[:, None, :, None].expand(B, x.shape[1], Nq, x.shape[-1]))
+
+    kv = [(move(layer.keys), move(layer.values)) for layer in cache.layers]
+    last = last_hidden[torch.arange(B, device=n.device), n - 1]
+    return QuestionState(kv=kv, last_hidden=last)
 
 
 class KavaModel(nn.Module):
@@ -109,8 +131,13 @@ class KavaModel(nn.Module):
         return call
 
     # ---- teacher -----------------------------------------------------------
-    def teacher(self, batch: TeacherBatch, capture_importance: bool = True) -> TeacherOutput:
-        """One forward with gradients: CE, detached CoT KV, detached CODI targets, importance."""
+    def teacher(self, batch: TeacherBatch, capture_importance: bool = True,
+                question_mask: torch.Tensor | None = None) -> TeacherOutput:
+        """One forward with gradients: CE, detached CoT KV, detached CODI targets, importance.
+
+        question_mask: the student batch's left-padded prefix mask [B, Nq]; when given, the output
+        also carries the ``Q <bot>`` state moved into that layout, for the student to reuse.
+        """
         capture = None
         if capture_importance:
             capture = ImportanceCapture(
@@ -143,6 +170,9 @@ class KavaModel(nn.Module):
                 values.append(torch.gather(layer.values, 2, gi))
             hidden = torch.stack([h[rows, batch.prompt_last] for h in out.hidden_states[1:]], dim=1)
         importance = capture.stacked(self.num_layers) if capture is not None else None
+        question = None
+        if question_mask is not None:
+            question = question_from_teacher(out.cache, out.last_hidden_state, question_mask)
         return TeacherOutput(
             ce=ce,
             cot_keys=torch.stack(keys, 1).detach(),
@@ -150,20 +180,27 @@ class KavaModel(nn.Module):
             cot_valid=batch.cot_valid,
             hidden=hidden.detach(),
             importance=importance,
+            question=question,
         )
 
     # ---- student -----------------------------------------------------------
-    def latent_reasoning(self, prefix_ids, prefix_mask, keep_history: bool = False) -> LatentTrace:
+    def latent_reasoning(self, prefix_ids, prefix_mask, keep_history: bool = False,
+                         question: QuestionState | None = None) -> LatentTrace:
         lat = self.cfg.latent
         return run_latents(
             self._decoder_fn(), self.embed, self.projection, prefix_ids, prefix_mask,
             self.special_ids["<latent>"], lat.num_tokens, lat.num_iterations, lat.mode, keep_history,
+            question,
         )
 
-    def student(self, batch: StudentBatch, use_latents: bool = True) -> StudentOutput:
-        """Latent passes (or none, for No-CoT), then the answer pass ``<eot> P A <eos>``."""
+    def student(self, batch: StudentBatch, use_latents: bool = True,
+                question: QuestionState | None = None) -> StudentOutput:
+        """Latent passes (or none, for No-CoT), then the answer pass ``<eot> P A <eos>``.
+
+        question: ``Q <bot>`` already computed (by the teacher pass); else the student computes it.
+        """
         if use_latents:
-            trace = self.latent_reasoning(batch.prefix_ids, batch.prefix_mask)
+            trace = self.latent_reasoning(batch.prefix_ids, batch.prefix_mask, question=question)
             cache, past_mask, start = trace.cache, trace.mask, trace.next_position
         else:
             trace = None
@@ -204,8 +241,9 @@ class KavaModel(nn.Module):
             s = self.student(student, use_latents=False)
             return total_loss(ce_student=s.ce, ce_teacher=None, student_h=None, teacher_h=None,
                               latent_kv={}, teacher_kv=None, cfg=cfg.loss)
-        t = self.teacher(teacher, capture_importance=cfg.eviction.method in ("rkv", "importance"))
-        s = self.student(student)
+        t = self.teacher(teacher, capture_importance=cfg.eviction.method in ("rkv", "importance"),
+                         question_mask=student.prefix_mask if cfg.train.share_question_pass else None)
+        s = self.student(student, question=t.question)
         compressed = self.compress_teacher_kv(t, generator)
         return total_loss(
             ce_student=s.ce, ce_teacher=t.ce, student_h=s.hidden, teacher_h=t.hidden,

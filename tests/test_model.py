@@ -221,6 +221,45 @@ def test_gradients_teacher_detached_student_trained(tiny_llama_dir):
             assert p.grad is None, n
 
 
+@pytest.mark.parametrize("mode", ["jacobi", "sequential"])
+def test_shared_question_pass_gives_the_same_loss_and_gradients(tiny_dir, mode):
+    """Reusing the teacher's Q <bot> KV is an optimisation only: loss, metrics and every gradient match."""
+    results = []
+    for share in (False, True):
+        model = make_model(tiny_dir, **{"latent.mode": mode, "train.share_question_pass": share,
+                                        "loss.alpha_kv": 1.0, "loss.alpha_codi": 1.0})
+        model.train()
+        tb, sb = batches(model, EXAMPLES)
+        loss, metrics = model.training_loss(tb, sb, torch.Generator().manual_seed(0))
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), metrics, grads))
+    (l0, m0, g0), (l1, m1, g1) = results
+    torch.testing.assert_close(l1, l0, atol=ATOL, rtol=0)
+    assert m1.keys() == m0.keys() and all(abs(m1[k] - m0[k]) < 1e-4 for k in m0)
+    assert g1.keys() == g0.keys()
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], atol=1e-5, rtol=1e-4, msg=k)
+    assert any(g.abs().sum() > 0 for g in g1.values())
+
+
+def test_question_from_teacher_matches_the_student_prefix(tiny_llama_dir):
+    from kava.model import question_from_teacher
+
+    model = make_model(tiny_llama_dir)
+    tb, sb = batches(model, EXAMPLES)
+    with torch.no_grad():
+        out = model.decoder_stack(input_ids=tb.input_ids, attention_mask=tb.attention_mask,
+                                  position_ids=tb.position_ids, use_cache=True)
+        q = question_from_teacher(out.cache, out.last_hidden_state, sb.prefix_mask)
+        own, _ = model._prefix_pass(sb.prefix_ids, sb.prefix_mask)
+    valid = sb.prefix_mask[:, None, :, None]
+    for (k, v), layer in zip(q.kv, own.cache.layers):
+        torch.testing.assert_close(torch.where(valid, k, 0.0), torch.where(valid, layer.keys, 0.0), atol=ATOL, rtol=0)
+        torch.testing.assert_close(torch.where(valid, v, 0.0), torch.where(valid, layer.values, 0.0), atol=ATOL, rtol=0)
+    torch.testing.assert_close(q.last_hidden, own.last_hidden_state[:, -1], atol=ATOL, rtol=0)
+
+
 def test_kv_supervision_all_changes_gradient(tiny_llama_dir):
     grads = {}
     for mode in ("last", "all"):
