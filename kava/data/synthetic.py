@@ -41,12 +41,37 @@ __all__ = [
     "make_splits",
     "write_jsonl",
     "MAX_VALUE",
+    "NumberRanges",
+    "DEFAULT_RANGES",
 ]
 
 MAX_VALUE = 200  # every intermediate value is in 1..MAX_VALUE
 ADD_RANGE = (1, 50)  # operands of + and -
 MUL_RANGE = (2, 12)  # operands of *
 START_RANGE = (2, 50)  # a stated starting amount
+
+
+@dataclass(frozen=True)
+class NumberRanges:
+    """How large the numbers get; the defaults are the DEMO_SIZING task (values 1..200)."""
+
+    max_value: int = MAX_VALUE  # every intermediate value is in 1..max_value
+    add: tuple[int, int] = ADD_RANGE  # operands of + and -
+    mul: tuple[int, int] = MUL_RANGE  # operands of *
+    start: tuple[int, int] = START_RANGE  # a stated starting amount
+
+    def __post_init__(self) -> None:
+        for name in ("add", "mul", "start"):
+            lo, hi = getattr(self, name)
+            if not 1 <= lo <= hi <= self.max_value:
+                raise ValueError(f"NumberRanges.{name}={(lo, hi)}: expected 1 <= lo <= hi <= max_value={self.max_value}")
+        if self.mul[0] < 2 or self.mul[0] * self.mul[0] > self.max_value:
+            raise ValueError(f"NumberRanges.mul={self.mul}: expected lo >= 2 and lo*lo <= max_value={self.max_value}")
+        if self.start[0] < 2:
+            raise ValueError(f"NumberRanges.start={self.start}: expected lo >= 2 (a first step must stay >= 1)")
+
+
+DEFAULT_RANGES = NumberRanges()
 
 # name, subject pronoun, object pronoun, possessive
 _PEOPLE = [
@@ -120,21 +145,21 @@ class Problem:
         return len(self.equations)
 
 
-def _choose_op(rng: random.Random, v: int) -> tuple[str, int]:
-    """A feasible operation on ``v`` keeping the result in 1..MAX_VALUE."""
+def _choose_op(rng: random.Random, v: int, r: NumberRanges) -> tuple[str, int]:
+    """A feasible operation on ``v`` keeping the result in 1..r.max_value."""
     ops = []
-    if v < MAX_VALUE:
+    if v + r.add[0] <= r.max_value:
         ops.append("+")
-    if v >= 2:
+    if v - r.add[0] >= 1:
         ops.append("-")
-    if 1 <= v and v * MUL_RANGE[0] <= MAX_VALUE:
+    if 1 <= v and v * r.mul[0] <= r.max_value:
         ops.append("*")
     op = rng.choice(ops)
     if op == "+":
-        return op, rng.randint(ADD_RANGE[0], min(ADD_RANGE[1], MAX_VALUE - v))
+        return op, rng.randint(r.add[0], min(r.add[1], r.max_value - v))
     if op == "-":
-        return op, rng.randint(ADD_RANGE[0], min(ADD_RANGE[1], v - 1))
-    return op, rng.randint(MUL_RANGE[0], min(MUL_RANGE[1], MAX_VALUE // v))
+        return op, rng.randint(r.add[0], min(r.add[1], v - 1))
+    return op, rng.randint(r.mul[0], min(r.mul[1], r.max_value // v))
 
 
 def _apply(v: int, op: str, n: int) -> int:
@@ -145,7 +170,7 @@ def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-def _sample_once(rng: random.Random, num_steps: int) -> Problem:
+def _sample_once(rng: random.Random, num_steps: int, ranges: NumberRanges) -> Problem:
     kind = rng.choice(["actor", "compare"])
     item = rng.choice(_ITEMS)
     people = rng.sample(_PEOPLE, num_steps + 1)
@@ -157,8 +182,8 @@ def _sample_once(rng: random.Random, num_steps: int) -> Problem:
 
     # the starting amount: stated, or a product (which is then the first step)
     if rng.random() < 0.35:
-        a = rng.randint(*MUL_RANGE)
-        b = rng.randint(*MUL_RANGE)
+        a = rng.randint(*ranges.mul)
+        b = rng.randint(ranges.mul[0], min(ranges.mul[1], ranges.max_value // a))
         cont, cont1 = rng.choice(_CONTAINERS)
         v = a * b
         sentences.append(f"{first[0]} has {a} {cont} with {b} {item} in each {cont1}.")
@@ -166,12 +191,12 @@ def _sample_once(rng: random.Random, num_steps: int) -> Problem:
         nls.append(f"{first[0]} has {a} * {b} = {v} {item}.")
         values.append(v)
     else:
-        v = rng.randint(*START_RANGE)
+        v = rng.randint(*ranges.start)
         sentences.append(f"{first[0]} has {v} {item}.")
 
     holder = first
     while len(eqs) < num_steps:
-        op, n = _choose_op(rng, v)
+        op, n = _choose_op(rng, v, ranges)
         r = _apply(v, op, n)
         if kind == "actor":
             name, subj, obj, poss = first
@@ -208,7 +233,8 @@ def _mentions(question: str, number: str) -> bool:
     return re.search(rf"(?<!\d){re.escape(number)}(?!\d)", question) is not None
 
 
-def sample_problem(rng: random.Random, num_steps: int | None = None) -> Problem:
+def sample_problem(rng: random.Random, num_steps: int | None = None,
+                   ranges: NumberRanges = DEFAULT_RANGES) -> Problem:
     """Draw one problem; ``num_steps`` in 2..4 (default: uniform over 2, 3, 4).
 
     Problems whose answer appears as a number in the question are redrawn.
@@ -218,7 +244,7 @@ def sample_problem(rng: random.Random, num_steps: int | None = None) -> Problem:
     if not 1 <= num_steps <= len(_PEOPLE) - 1:
         raise ValueError(f"num_steps={num_steps}: expected 1..{len(_PEOPLE) - 1} (the demo uses 2..4)")
     for _ in range(1000):
-        p = _sample_once(rng, num_steps)
+        p = _sample_once(rng, num_steps, ranges)
         if not _mentions(p.question, p.answer):
             return p
     raise RuntimeError("could not draw a problem whose question hides its answer")  # pragma: no cover
@@ -235,12 +261,14 @@ def make_example(problem: Problem, style: str = "equations") -> Example:
     return Example(question=problem.question, steps=steps, answer=problem.answer)
 
 
-def generate_problem(rng: random.Random, num_steps: int | None = None, style: str = "equations") -> Example:
+def generate_problem(rng: random.Random, num_steps: int | None = None, style: str = "equations",
+                     ranges: NumberRanges = DEFAULT_RANGES) -> Example:
     """One problem as an :class:`Example` (equation-style steps by default)."""
-    return make_example(sample_problem(rng, num_steps), style)
+    return make_example(sample_problem(rng, num_steps, ranges), style)
 
 
-def make_splits(n_train: int, n_test: int, seed: int = 0, style: str = "equations") -> tuple[list[Example], list[Example]]:
+def make_splits(n_train: int, n_test: int, seed: int = 0, style: str = "equations",
+                ranges: NumberRanges = DEFAULT_RANGES) -> tuple[list[Example], list[Example]]:
     """Deterministic train and test sets, disjoint by question text and free of duplicates.
 
     The first ``n_test`` distinct questions drawn from ``random.Random(seed)`` form
@@ -259,7 +287,7 @@ def make_splits(n_train: int, n_test: int, seed: int = 0, style: str = "equation
         budget -= 1
         if budget < 0:
             raise RuntimeError(f"make_splits: could not draw {n_train + n_test} distinct problems")
-        p = sample_problem(rng)
+        p = sample_problem(rng, ranges=ranges)
         if p.question in seen:
             continue
         seen.add(p.question)

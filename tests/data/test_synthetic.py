@@ -10,9 +10,8 @@ import pytest
 from kava.data import Example
 from kava.data.formats import load_examples
 from kava.data.synthetic import (
-    ADD_RANGE,
-    MAX_VALUE,
-    MUL_RANGE,
+    DEFAULT_RANGES,
+    NumberRanges,
     generate_problem,
     make_example,
     make_splits,
@@ -24,21 +23,21 @@ EQ = re.compile(r"<<(\d+)([+\-*])(\d+)=(\d+)>>")
 NL = re.compile(r"^[A-Z][a-z]+ has (\d+) ([+\-*]) (\d+) = (\d+) [a-z ]+\.$")
 
 
-def _check_chain(steps: list[str], answer: str, pattern: re.Pattern) -> None:
+def _check_chain(steps: list[str], answer: str, pattern: re.Pattern, r: NumberRanges = DEFAULT_RANGES) -> None:
     prev = None
     for step in steps:
         m = pattern.fullmatch(step)
         assert m, step
-        a, op, b, r = int(m[1]), m[2], int(m[3]), int(m[4])
-        assert r == (a + b if op == "+" else a - b if op == "-" else a * b), step
-        assert 1 <= r <= MAX_VALUE and 1 <= a <= MAX_VALUE
+        a, op, b, res = int(m[1]), m[2], int(m[3]), int(m[4])
+        assert res == (a + b if op == "+" else a - b if op == "-" else a * b), step
+        assert 1 <= res <= r.max_value and 1 <= a <= r.max_value
         if op == "*":
-            assert MUL_RANGE[0] <= b <= MUL_RANGE[1]
+            assert r.mul[0] <= b <= r.mul[1]
         else:
-            assert ADD_RANGE[0] <= b <= ADD_RANGE[1]
+            assert r.add[0] <= b <= r.add[1]
         if prev is not None:  # dependent: each step starts from the previous result
             assert a == prev, steps
-        prev = r
+        prev = res
     assert answer == str(prev)
 
 
@@ -122,3 +121,22 @@ def test_seed_zero_is_stable_across_runs():
     assert generate_problem(random.Random(0)) == Example(q, ["<<21-12=9>>", "<<9*4=36>>", "<<36+49=85>>"], "85")
     assert generate_problem(random.Random(0), style="nl").steps == [
         "Carlos has 21 - 12 = 9 marbles.", "Ivy has 9 * 4 = 36 marbles.", "Ravi has 36 + 49 = 85 marbles."]
+
+
+@pytest.mark.parametrize("ranges", [NumberRanges(100, (1, 20), (2, 6), (2, 30)), NumberRanges(60, (1, 15), (2, 5), (2, 20))])
+def test_number_ranges_bound_every_step(ranges):
+    rng = random.Random(5)
+    for _ in range(1000):
+        p = sample_problem(rng, ranges=ranges)
+        _check_chain(p.equations, p.answer, EQ, ranges)
+        _check_chain(p.nl_steps, p.answer, NL, ranges)
+    train, test = make_splits(200, 50, seed=2, ranges=ranges)
+    assert not {e.question for e in train} & {e.question for e in test}
+
+
+@pytest.mark.parametrize("kw, key", [({"add": (0, 5)}, "add"), ({"mul": (1, 5)}, "mul"), ({"start": (1, 9)}, "start"),
+                                     ({"max_value": 20, "mul": (5, 9), "add": (1, 9), "start": (2, 9)}, "mul"),
+                                     ({"max_value": 10, "add": (1, 50)}, "add")])
+def test_bad_number_ranges_name_the_field(kw, key):
+    with pytest.raises(ValueError, match=rf"NumberRanges\.{key}"):
+        NumberRanges(**kw)
