@@ -183,8 +183,9 @@ class Lengths:
     def teacher(self) -> int:
         return self.Q + self.C + self.A
 
-    def student(self, M: int, T: int) -> int:
-        return self.Q + (T + 1) * M + self.A
+    def student(self, M: int, T: int, shared_question: bool = False) -> int:
+        """Tokens the student passes process; the shared question pass (the default) takes Q from the teacher."""
+        return (0 if shared_question else self.Q) + (T + 1) * M + self.A
 
 
 def split_lengths(teacher_len: int, prompt_len: int, q_frac: float = 0.35, c_frac: float = 0.55) -> Lengths:
@@ -231,7 +232,8 @@ def flop_floor(teacher_tokens: int, student_tokens: int) -> float:
     Both steps run forward + backward over every token they process. Under the same cost per
     token, a KaVa step costs (N_teacher + N_student) / N_teacher CoT-SFT steps, with
     N_teacher = Q + C + A and N_student = Q + (T + 1) * M + A (pass 0 over Q <bot> + M latent
-    slots, T Jacobi passes over M slots, the answer pass over A = <eot> P answer <eos>).
+    slots, T Jacobi passes over M slots, the answer pass over A = <eot> P answer <eos>); without
+    the Q term when the student reuses the teacher's question pass (``train.share_question_pass``).
     """
     return (teacher_tokens + student_tokens) / teacher_tokens
 
@@ -560,12 +562,14 @@ def latent_generate_passes(Q: int, M: int, T: int, P: int, answer_tokens: int) -
     return out
 
 
-def step_passes(L: Lengths, batch: int, M: int, T: int, answer_prompt_len: int, kava: bool) -> list[tuple[int, int, int, int]]:
+def step_passes(L: Lengths, batch: int, M: int, T: int, answer_prompt_len: int, kava: bool,
+                shared_question: bool = False) -> list[tuple[int, int, int, int]]:
     """The model calls of a CoT-SFT step (teacher only) or a KaVa step (teacher + Jacobi student), for train_flops."""
     teacher = [(batch, L.teacher, 0, L.C + L.A)]  # labels on C, <eot>, P, A, <eos>
     if not kava:
         return teacher
-    student = [(batch, L.Q + M, 0, 0)] + [(batch, M, L.Q, 0)] * T + [(batch, L.A, L.Q + M, L.A - answer_prompt_len)]
+    pass0 = (batch, M, L.Q, 0) if shared_question else (batch, L.Q + M, 0, 0)
+    student = [pass0] + [(batch, M, L.Q, 0)] * T + [(batch, L.A, L.Q + M, L.A - answer_prompt_len)]
     return teacher + student
 
 

@@ -5,6 +5,8 @@ Variants (same model, same batch, same AdamW + grad clip; one optimizer step eac
   a  cot    CoT-SFT on the teacher sequences alone: ``training_loss(..., teacher_only=True)``.
   b  kava   the KaVa step: ``training_loss(teacher_batch, student_batch)`` (rkv eviction, importance
             captured inside the sdpa wrapper, Jacobi on the cached prefix, logits at labelled positions).
+  d  kava_unshared  the KaVa step with ``train.share_question_pass`` off: the student runs its own
+            ``Q <bot>`` pass instead of reusing the teacher's (same loss and gradients).
   c  naive  a straightforward implementation of the same loss, written here:
             - the teacher runs twice, in eager attention: once with grad for the CE, once under
               no_grad with ``output_attentions=True`` for the KV / hidden-state targets and for the
@@ -13,10 +15,10 @@ Variants (same model, same batch, same AdamW + grad clip; one optimizer step eac
               (no prefix-cache reuse); the student passes use sdpa;
             - teacher and student CE take full-vocabulary logits over the whole sequence.
 
-Reported: the ratios b/a and c/b of time per step (median over interleaved rounds of the
+Reported: the ratios b/a, c/b and d/b of time per step (median over interleaved rounds of the
 per-round ratio; on CPU of process CPU time, wall-clock ratios beside it, see common.py), of peak tensor memory (common.peak_memory), and the FLOP floor of b/a from
 token counts (common.flop_floor): (N_teacher + N_student) / N_teacher with N_teacher = Q + C + A,
-N_student = Q + (T+1) M + A.
+N_student = (T+1) M + A (the question pass is the teacher's; Q + (T+1) M + A for d).
 
     python benchmarks/step_cost.py                    # hidden-512 8-layer random LLaMA, N = 128 512
     python benchmarks/step_cost.py --quick            # smoke test
@@ -39,7 +41,7 @@ from kava.latent import _split_cache  # noqa: E402
 from kava.losses import total_loss  # noqa: E402
 from kava.model import KavaModel, TeacherOutput  # noqa: E402
 
-VARIANTS = {"a": "cot", "b": "kava", "c": "naive"}
+VARIANTS = {"a": "cot", "b": "kava", "c": "naive", "d": "kava_unshared"}
 GOALS = {"b/a <= 1.15 x floor": 1.15, "c/b >= 1.5 at 512": 1.5, "mem c/b >= 2 at 512": 2.0}
 
 
@@ -190,10 +192,19 @@ def make_steps(model: KavaModel, tb, sb, grad_clip: float = 2.0, ablations: bool
             opt.zero_grad(set_to_none=True)
         return run
 
+    def unshared():
+        train_cfg = model.cfg.train
+        train_cfg.share_question_pass = False
+        try:
+            return model.training_loss(tb, sb)
+        finally:
+            train_cfg.share_question_pass = True
+
     steps = {
         "a": step(lambda: model.training_loss(tb, sb, teacher_only=True)),
         "b": step(lambda: model.training_loss(tb, sb)),
         "c": step(lambda: naive_loss(model, tb, sb)),
+        "d": step(unshared),
     }
     if ablations:  # the KaVa step with one naive ingredient switched on
         for part in NAIVE_PARTS:
@@ -219,14 +230,17 @@ def measure_length(model, args, n, batch, M, T, repeats, device, timed: bool = T
     tb, sb = common.make_batches(model, segs, device)
     steps = make_steps(model, tb, sb, ablations=args.ablate)
     P = 1 + len(model.encoder.prompt_ids)
-    floor = common.flop_floor(L.teacher, L.student(M, T))
-    flop_ratio = (common.train_flops(model, common.step_passes(L, batch, M, T, P, kava=True))
+    if not model.cfg.train.share_question_pass:
+        raise ValueError("step_cost: variant b is the default KaVa step, with train.share_question_pass on")
+    floor = common.flop_floor(L.teacher, L.student(M, T, shared_question=True))
+    flop_ratio = (common.train_flops(model, common.step_passes(L, batch, M, T, P, kava=True, shared_question=True))
                   / common.train_flops(model, common.step_passes(L, batch, M, T, P, kava=False)))
     mem = {k: common.peak_memory(fn, device) for k, fn in steps.items()}
     name = lambda k: VARIANTS.get(k, k)  # noqa: E731
     row = {
         "teacher_len": n, "batch": batch, "M": M, "T": T, "timed": timed,
-        "tokens": {"Q": L.Q, "C": L.C, "A": L.A, "teacher": L.teacher, "student": L.student(M, T)},
+        "tokens": {"Q": L.Q, "C": L.C, "A": L.A, "teacher": L.teacher,
+                   "student": L.student(M, T, shared_question=True)},
         "peak_mem_bytes": {name(k): v for k, v in mem.items()},
         "ratios": {"mem_b/a": mem["b"] / mem["a"], "mem_c/b": mem["c"] / mem["b"],
                    "flop_floor_b/a": floor, "model_flop_ratio_b/a": flop_ratio},
@@ -238,20 +252,21 @@ def measure_length(model, args, n, batch, M, T, repeats, device, timed: bool = T
     if n >= 512:
         row["goals"]["mem c/b >= 2"] = row["ratios"]["mem_c/b"] >= 2.0
     if timed:
-        timed_steps = steps if args.ablate else {k: steps[k] for k in "abc"}
+        timed_steps = steps if args.ablate else {k: steps[k] for k in "abcd"}
         both: dict = {}
         times = common.interleaved(timed_steps, repeats=repeats, warmup=args.warmup, device=device, both=both)
         r_ba = common.paired_ratio(times, "b", "a")
         r_cb = common.paired_ratio(times, "c", "b")
+        r_db = common.paired_ratio(times, "d", "b")
         row.update({
             "clock": both["clock"],
             "time_s_median": {name(k): common.median(v) for k, v in times.items()},
             "time_s_all": {c: {name(k): v for k, v in both[c].items()} for c in ("wall", "cpu")},
-            "ratio_quartiles": {"time_b/a": r_ba, "time_c/b": r_cb},
+            "ratio_quartiles": {"time_b/a": r_ba, "time_c/b": r_cb, "time_d/b": r_db},
             "wall_ratios": {"time_b/a": common.paired_ratio(both["wall"], "b", "a"),
                             "time_c/b": common.paired_ratio(both["wall"], "c", "b")},
         })
-        row["ratios"].update({"time_b/a": r_ba["median"], "time_c/b": r_cb["median"],
+        row["ratios"].update({"time_b/a": r_ba["median"], "time_c/b": r_cb["median"], "time_d/b": r_db["median"],
                               "time_b/a_over_floor": r_ba["median"] / floor})
         if args.ablate:
             row["ablation_time_over_b"] = {f"b+{p}": common.paired_ratio(times, f"b+{p}", "b")["median"] for p in NAIVE_PARTS}
@@ -295,11 +310,11 @@ def main(argv: list[str] | None = None) -> dict:
         results.append(row)
         x = row["ratios"]
         print(f"[step_cost] N={n}: b/a={x.get('time_b/a', float('nan')):.3f} (floor {x['flop_floor_b/a']:.3f}) "
-              f"c/b={x.get('time_c/b', float('nan')):.3f} mem b/a={x['mem_b/a']:.2f} c/b={x['mem_c/b']:.2f}",
+              f"c/b={x.get('time_c/b', float('nan')):.3f} d/b={x.get('time_d/b', float('nan')):.3f} mem b/a={x['mem_b/a']:.2f} c/b={x['mem_c/b']:.2f}",
               file=sys.stderr, flush=True)
 
     headers = ["N teacher", "Q/C/A", "N student", "t(a) s", "t(b) s", "t(c) s", "b/a (q1-q3)", "floor b/a",
-               "(b/a)/floor", "c/b (q1-q3)", "mem a MiB", "mem b MiB", "mem c MiB", "mem b/a", "mem c/b"]
+               "(b/a)/floor", "c/b (q1-q3)", "d/b (q1-q3)", "mem a MiB", "mem b MiB", "mem c MiB", "mem b/a", "mem c/b"]
     rows = []
     for r in results:
         m, x = r["peak_mem_bytes"], r["ratios"]
@@ -308,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
         fmt = (lambda k: f"{x[k]:.3f} ({qt[k]['q1']:.2f}-{qt[k]['q3']:.2f})") if qt else (lambda k: "-")
         rows.append([r["teacher_len"], f"{r['tokens']['Q']}/{r['tokens']['C']}/{r['tokens']['A']}", r["tokens"]["student"],
                      t["cot"], t["kava"], t["naive"], fmt("time_b/a"), x["flop_floor_b/a"],
-                     x.get("time_b/a_over_floor", "-"), fmt("time_c/b"), common.mib(m["cot"]), common.mib(m["kava"]),
+                     x.get("time_b/a_over_floor", "-"), fmt("time_c/b"), fmt("time_d/b"), common.mib(m["cot"]), common.mib(m["kava"]),
                      common.mib(m["naive"]), x["mem_b/a"], x["mem_c/b"]])
     print(common.markdown_table(headers, rows))
     if args.ablate:

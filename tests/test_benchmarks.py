@@ -80,9 +80,10 @@ def test_step_cost_quick(tmp_path):
     data = _load(out)
     (row,) = data["results"]
     assert {"tokens", "time_s_median", "peak_mem_bytes", "ratios", "goals", "naive_loss_abs_diff"} <= set(row)
-    assert set(row["time_s_median"]) == {"cot", "kava", "naive"}
-    assert {"time_b/a", "time_c/b", "mem_b/a", "mem_c/b", "flop_floor_b/a", "time_b/a_over_floor"} <= set(row["ratios"])
+    assert set(row["time_s_median"]) == {"cot", "kava", "naive", "kava_unshared"}
+    assert {"time_b/a", "time_c/b", "time_d/b", "mem_b/a", "mem_c/b", "flop_floor_b/a", "time_b/a_over_floor"} <= set(row["ratios"])
     t = row["tokens"]
+    assert t["student"] == (row["T"] + 1) * row["M"] + t["A"]  # the question pass is the teacher's
     assert row["ratios"]["flop_floor_b/a"] == pytest.approx((t["teacher"] + t["student"]) / t["teacher"])
     assert all(v > 0 for v in row["peak_mem_bytes"].values())
     # the naive step optimises the same objective as the KaVa step
