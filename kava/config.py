@@ -75,6 +75,7 @@ class LossCfg:
     kv_loss: Literal["smooth_l1", "l1", "mse"] = _f("smooth_l1", "distance for the KV loss")
     kv_layerwise_std: bool = _f(True, "normalise the KV loss by the teacher's per-layer std")
     kv_supervision: Literal["last", "all"] = _f("last", "KV loss on the last Jacobi iteration only, or averaged over all iterations")
+    kv_key_positions: Literal["cached", "slots"] = _f("cached", "teacher keys as cached at their CoT positions (paper), or RoPE-rotated to the latent slots they are matched with")
     student_ce_on_prompt: bool = _f(False, "include the answer prompt P in the student CE (open point)")
 
 

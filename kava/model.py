@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from kava.config import ConfigError, KavaConfig
 from kava.data.collate import IGNORE, StudentBatch, TeacherBatch, Tokenizer, pad_rows, positions_from_mask
 from kava.eviction import CompressedKV, compress_kv
 from kava.latent import LatentTrace, QuestionState, run_latents
+from kava.rope import rotary_inv_freq, rotate_keys, slot_shifts
 from kava.losses import total_loss
 
 log = logging.getLogger(__name__)
@@ -222,11 +223,16 @@ class KavaModel(nn.Module):
 
     # ---- the KaVa loss -----------------------------------------------------
     def compress_teacher_kv(self, t: TeacherOutput, generator: torch.Generator | None = None) -> CompressedKV:
+        """The M kept teacher entries; with ``loss.kv_key_positions=slots`` keys are moved to the slot positions."""
         ev = self.cfg.eviction
-        return compress_kv(
+        kept = compress_kv(
             t.cot_keys, t.cot_values, t.importance, t.cot_valid, self.cfg.latent.num_tokens,
             lam=ev.lam, method=ev.method, generator=generator, order=ev.order,
         )
+        if self.cfg.loss.kv_key_positions == "slots":
+            keys = rotate_keys(kept.keys, slot_shifts(kept.index), rotary_inv_freq(self.decoder_stack))
+            kept = replace(kept, keys=keys)  # masked slots: zero keys, shift 0, still zero
+        return kept
 
     def training_loss(self, teacher: TeacherBatch | None, student: StudentBatch | None,
                       generator: torch.Generator | None = None, teacher_only: bool = False):
