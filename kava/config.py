@@ -119,6 +119,7 @@ class TrainCfg:
     max_bad_steps: int = _f(5, "abort after this many consecutive non-finite steps")
     tensorboard: bool = _f(False, "also log to TensorBoard")
     curriculum_cot_steps: int = _f(0, "first N steps train the teacher CE only (warm-start the CoT teacher)")
+    curriculum_ramp_steps: int = _f(0, "after the curriculum, the student terms grow linearly from 0 to full weight over N steps")
     share_question_pass: bool = _f(True, "student reuses the teacher pass's Q <bot> KV (same values, one question pass fewer per step)")
 
 
@@ -236,6 +237,7 @@ class KavaConfig:
             ("train.keep_last", self.train.keep_last >= 1, "must be >= 1"),
             ("train.max_bad_steps", self.train.max_bad_steps >= 1, "must be >= 1"),
             ("train.curriculum_cot_steps", self.train.curriculum_cot_steps >= 0, "must be >= 0"),
+            ("train.curriculum_ramp_steps", self.train.curriculum_ramp_steps >= 0, "must be >= 0"),
             ("eval.batch_size", self.eval.batch_size >= 1, "must be >= 1"),
             ("eval.max_answer_tokens", self.eval.max_answer_tokens >= 1, "must be >= 1"),
         ]

@@ -111,8 +111,12 @@ def kv_loss(student_k: Tensor, student_v: Tensor, teacher_k: Tensor, teacher_v: 
 def total_loss(*, ce_student: Optional[Tensor], ce_teacher: Optional[Tensor],
                student_h: Optional[Tensor], teacher_h: Optional[Tensor],
                latent_kv: Optional[dict[int, tuple[Tensor, Tensor]]],
-               teacher_kv: Optional[CompressedKV], cfg: LossCfg) -> tuple[Tensor, dict[str, float]]:
+               teacher_kv: Optional[CompressedKV], cfg: LossCfg,
+               student_weight: float = 1.0) -> tuple[Tensor, dict[str, float]]:
     """Total training loss and its metrics.
+
+    student_weight scales the student terms (CE_student, a1 * L_CODI, a2 * L_KV) and not the teacher CE:
+    ``L = s * (CE_student + a1 L_CODI + a2 L_KV) + w_t CE_teacher`` (the ramp after a teacher-only curriculum).
 
     latent_kv: iteration t -> (k, v), each ``[B, L, H, M, d]``; 0 is pass 0, 1..T the
     Jacobi iterations, and the largest key is the KV the answer pass used.
@@ -155,11 +159,12 @@ def total_loss(*, ce_student: Optional[Tensor], ce_teacher: Optional[Tensor],
 
     ce_s = ce_student if ce_student is not None else zero
     ce_t = ce_teacher if ce_teacher is not None else zero
-    loss = ce_s + cfg.teacher_weight * ce_t
+    student = ce_s
     if cfg.alpha_codi != 0:
-        loss = loss + cfg.alpha_codi * codi
+        student = student + cfg.alpha_codi * codi
     if cfg.alpha_kv != 0:
-        loss = loss + cfg.alpha_kv * kv
+        student = student + cfg.alpha_kv * kv
+    loss = (student if student_weight == 1.0 else student_weight * student) + cfg.teacher_weight * ce_t
 
     names = ["loss", "ce_student", "ce_teacher", "codi", "kv"] + [f"kv_loss_iter_{t}" for t in iters]
     vals = [loss, ce_s, ce_t, codi, kv] + list(iters.values())

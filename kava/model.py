@@ -235,8 +235,10 @@ class KavaModel(nn.Module):
         return kept
 
     def training_loss(self, teacher: TeacherBatch | None, student: StudentBatch | None,
-                      generator: torch.Generator | None = None, teacher_only: bool = False):
-        """-> (loss, metrics). Which terms exist depends on ``cfg.method``."""
+                      generator: torch.Generator | None = None, teacher_only: bool = False,
+                      student_weight: float = 1.0):
+        """-> (loss, metrics). Which terms exist depends on ``cfg.method``; ``student_weight`` scales
+        the student terms of the KaVa loss (``losses.total_loss``)."""
         cfg = self.cfg
         method = cfg.method
         if method == "cot" or teacher_only:
@@ -253,7 +255,7 @@ class KavaModel(nn.Module):
         compressed = self.compress_teacher_kv(t, generator)
         return total_loss(
             ce_student=s.ce, ce_teacher=t.ce, student_h=s.hidden, teacher_h=t.hidden,
-            latent_kv=s.trace.latent_kv, teacher_kv=compressed, cfg=cfg.loss,
+            latent_kv=s.trace.latent_kv, teacher_kv=compressed, cfg=cfg.loss, student_weight=student_weight,
         )
 
     # ---- generation --------------------------------------------------------

@@ -141,8 +141,19 @@ class LossModule(nn.Module):
         super().__init__()
         self.kava = kava
 
-    def forward(self, teacher, student, generator=None, teacher_only: bool = False):
-        return self.kava.training_loss(teacher, student, generator=generator, teacher_only=teacher_only)
+    def forward(self, teacher, student, generator=None, teacher_only: bool = False, student_weight: float = 1.0):
+        return self.kava.training_loss(teacher, student, generator=generator, teacher_only=teacher_only,
+                                       student_weight=student_weight)
+
+
+def student_weight_at(step: int, curriculum_cot_steps: int, ramp_steps: int) -> float:
+    """Weight of the student terms at 0-based ``step``: 0 during the teacher-only curriculum, then
+    (k + 1) / ramp_steps on the k-th step after it until it reaches 1."""
+    if step < curriculum_cot_steps:
+        return 0.0
+    if ramp_steps <= 0:
+        return 1.0
+    return min(1.0, (step - curriculum_cot_steps + 1) / ramp_steps)
 
 
 def run_training(cfg: KavaConfig, output_dir: str | Path, resume: str | Path | None = None, *,
@@ -396,6 +407,7 @@ def train_step(run: Run, step: int) -> StepResult:
     cfg, acc, st = run.cfg, run.accelerator, run.state
     t = cfg.train
     teacher_only = step < t.curriculum_cot_steps
+    weight = student_weight_at(step, t.curriculum_cot_steps, t.curriculum_ramp_steps)
     indices = global_batch(len(run.train), step, st.steps_per_epoch, t.global_batch_size, t.seed)
     mine = my_micro_batches(indices, t.micro_batch_size, acc.process_index, acc.num_processes)
     sums: dict[str, float] = {}
@@ -406,7 +418,7 @@ def train_step(run: Run, step: int) -> StepResult:
         teacher, student = make_batches(cfg, run.kava.encoder, [run.train[i] for i in idx], acc.device, teacher_only)
         sync = k == len(mine) - 1
         with contextlib.nullcontext() if sync else acc.no_sync(run.model):
-            loss, metrics = run.model(teacher, student, generator, teacher_only)
+            loss, metrics = run.model(teacher, student, generator, teacher_only, weight)
             # Mean over this process's micro-batches; DDP then averages over processes.
             acc.backward(loss / len(mine))
         loss_sum += loss.detach().float()
@@ -428,7 +440,7 @@ def train_step(run: Run, step: int) -> StepResult:
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
         run.scheduler.step()  # a skipped step still uses up its place in the schedule (and its batch)
     return StepResult(loss=loss_value, grad_norm=grad_value, finite=finite,
-                      metrics={k: float(v) for k, v in zip(keys, mean[1:].tolist())})
+                      metrics={**{k: float(v) for k, v in zip(keys, mean[1:].tolist())}, "student_weight": weight})
 
 
 # ============================================================================

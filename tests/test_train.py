@@ -403,3 +403,30 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     lrs.append(sched.get_last_lr()[0])
     assert lrs[0] == 0.0 and lrs[1] == 0.5 and lrs[2] == 1.0
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] == pytest.approx(0.1)
+
+
+def test_student_weight_ramp():
+    from kava.train import student_weight_at
+
+    assert [student_weight_at(s, 3, 0) for s in range(5)] == [0.0, 0.0, 0.0, 1.0, 1.0]
+    assert [student_weight_at(s, 2, 4) for s in range(8)] == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [student_weight_at(s, 0, 2) for s in range(3)] == [0.5, 1.0, 1.0]
+
+
+def test_student_weight_scales_only_the_student_terms(tiny_llama_dir):
+    from conftest import perturb_trainables
+    from kava.model import KavaModel
+    from test_model import EXAMPLES, batches
+
+    model = KavaModel.from_config(tiny_config(tiny_llama_dir, **{"loss.alpha_kv": 1.0}))
+    perturb_trainables(model)
+    model.eval()
+    tb, sb = batches(model, EXAMPLES)
+    with torch.no_grad():
+        full, m = model.training_loss(tb, sb, torch.Generator().manual_seed(0))
+        part, m2 = model.training_loss(tb, sb, torch.Generator().manual_seed(0), student_weight=0.25)
+    student = m["ce_student"] + model.cfg.loss.alpha_codi * m["codi"] + model.cfg.loss.alpha_kv * m["kv"]
+    teacher = model.cfg.loss.teacher_weight * m["ce_teacher"]
+    assert float(full) == pytest.approx(student + teacher, rel=1e-5)
+    assert float(part) == pytest.approx(0.25 * student + teacher, rel=1e-5)
+    assert m2["ce_student"] == pytest.approx(m["ce_student"])  # metrics stay unscaled
