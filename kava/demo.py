@@ -15,7 +15,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -48,6 +48,7 @@ ABLATIONS: list[tuple[str, list[str]]] = [
 
 @dataclass
 class DemoSizes:
+    task: str = "small"  # a name in kava.data.synthetic.TASKS
     n_train: int = 40000
     n_test: int = 500
     vocab_size: int = 512
@@ -65,15 +66,28 @@ def prepare_task(out: Path, seed: int, sizes: DemoSizes, style: str = "equations
     """Write train/test jsonl, a tokenizer and a random-init LLaMA; -> (train, test, model dir)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kava.data.synthetic import make_splits, write_jsonl
+    from kava.data.synthetic import TASKS, make_splits, write_jsonl
     from kava.data.tokenizer import build_demo_tokenizer
 
     data_dir = out / "data"
     train_path, test_path, model_dir = data_dir / "train.jsonl", data_dir / "test.jsonl", out / "base_model"
+    ranges = TASKS[sizes.task]
+    task = {"task": sizes.task, "ranges": asdict(ranges), "seed": seed, "style": style,
+            "n_train": sizes.n_train, "n_test": sizes.n_test}
+    task_file = data_dir / "task.json"
+    if (train_path.exists() or test_path.exists()) and not task_file.exists():
+        raise SystemExit(f"{data_dir}: data without a task.json (an older demo run); cannot tell which task it "
+                         f"holds. Use another --output or delete {out}.")
+    if task_file.exists():
+        found = json.loads(task_file.read_text())
+        if found != json.loads(json.dumps(task)):
+            raise SystemExit(f"{task_file}: this run directory holds another task ({found}); "
+                             f"expected {task}. Use another --output or delete {out}.")
     if not train_path.exists() or not test_path.exists():
-        train, test = make_splits(sizes.n_train, sizes.n_test, seed=seed, style=style)
+        train, test = make_splits(sizes.n_train, sizes.n_test, seed=seed, style=style, ranges=ranges)
         write_jsonl(train, train_path)
         write_jsonl(test, test_path)
+        task_file.write_text(json.dumps(task, indent=1))
     if not (model_dir / "config.json").exists():
         from kava.data.formats import load_examples
 
@@ -171,6 +185,14 @@ def _row(label: str, rep: dict, train_s: float | None) -> str:
             f"{rep['forward_passes_mean']:.1f} | {t} |")
 
 
+def _describe_task(name: str) -> str:
+    from kava.data.synthetic import TASKS
+
+    r = TASKS[name]
+    return (f"values 1..{r.max_value}, + and - operands {r.add[0]}..{r.add[1]}, "
+            f"* operands {r.mul[0]}..{r.mul[1]}, starting amounts {r.start[0]}..{r.start[1]}")
+
+
 def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str]) -> dict:
     t_start = time.perf_counter()
     train_path, test_path, model_dir = prepare_task(out, seed, sizes)
@@ -187,7 +209,8 @@ def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str]) -> dict:
     lines = [
         f"# KaVa demo (seed {seed})",
         "",
-        f"Held-out synthetic problems, greedy decoding; {kava_cfg.train.max_steps} optimizer steps per run, "
+        f"Held-out synthetic problems (task `{sizes.task}`: {_describe_task(sizes.task)}), greedy decoding; "
+        f"{kava_cfg.train.max_steps} optimizer steps per run, "
         f"batch {kava_cfg.train.global_batch_size}; M={kava_cfg.latent.num_tokens}, T={kava_cfg.latent.num_iterations}.",
         "",
         "| run | accuracy % | 95% CI | n | forward passes / question | train s |",
@@ -208,7 +231,7 @@ def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str]) -> dict:
     ]
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
-    result = {"seed": seed, "kava": kava, "nocot": nocot, "gap_points": gap, "ci_disjoint": disjoint,
+    result = {"seed": seed, "task": sizes.task, "kava": kava, "nocot": nocot, "gap_points": gap, "ci_disjoint": disjoint,
               "bar_met": bar, "wall_s": wall}
     (out / "report.json").write_text(json.dumps(result, indent=1))
     print(text)
@@ -266,11 +289,11 @@ def run_ablation(out: Path, seed: int, sizes: DemoSizes, extra: list[str], resul
         if only is None:
             (out / "ablation.json").write_text(json.dumps(rows, indent=1))
     if only is None:
-        _write_ablation(rows, out, results_md, extra)
+        _write_ablation(rows, out, results_md, extra, sizes.task)
     return rows
 
 
-def _write_ablation(rows: list[dict], out: Path, results_md: Path | None, extra: list[str]) -> None:
+def _write_ablation(rows: list[dict], out: Path, results_md: Path | None, extra: list[str], task: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -297,13 +320,16 @@ def _write_ablation(rows: list[dict], out: Path, results_md: Path | None, extra:
 
         shutil.copy(png, results_md.parent / "ablation.png")
         sets = " ".join(f"--set {x}" for x in extra)
-        section = (f"\n## Ablations on the demo task ({time.strftime('%Y-%m-%d')}, `kava demo --ablate {sets}`)\n\n"
+        section = (f"\n## Ablations on the demo task `{task}` ({time.strftime('%Y-%m-%d')}, "
+                   f"`kava demo --ablate --task {task} {sets}`)\n\n"
                    + "\n".join(table) + "\n\n![ablation](ablation.png)\n")
         with results_md.open("a") as fh:
             fh.write(section)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kava.data.synthetic import TASKS
+
     p = argparse.ArgumentParser(prog="kava demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="runs/demo", help="run directory")
     p.add_argument("--seed", type=int, default=0, help="seed of the task, the model init and the data order")
@@ -313,12 +339,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, metavar="I,J,...",
                    help="with --ablate: train only these variant indices (0-based, as listed in kava/demo.py); "
                         "run several such processes, then once without --only to write the table")
+    p.add_argument("--task", default="small", choices=sorted(TASKS),
+                   help="number sizes of the synthetic problems: small (values <= 60, the default) or "
+                        "sizing (values <= 200, the task of docs/DEMO_SIZING)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default); use 1 on a busy machine")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sizes = QUICK if args.quick else DemoSizes()
+    sizes = replace(QUICK if args.quick else DemoSizes(), task=args.task)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     if args.ablate:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from kava.demo import ABLATIONS, main
 
@@ -32,6 +33,27 @@ def test_demo_quick_end_to_end(tmp_path):
     train = {json.loads(x)["question"] for x in (out / "data" / "train.jsonl").read_text().splitlines()}
     test = {json.loads(x)["question"] for x in (out / "data" / "test.jsonl").read_text().splitlines()}
     assert not train & test
+    # The default task keeps every value small, and the run directory records which task it holds.
+    assert json.loads((out / "data" / "task.json").read_text())["task"] == "small"
+    assert all(int(t["answer"]) <= 60 for t in [json.loads(x) for x in (out / "data" / "test.jsonl").read_text().splitlines()])
+    assert "task `small`" in md
+
+
+def test_demo_refuses_a_run_directory_of_another_task(tmp_path):
+    import pytest
+
+    from kava.demo import QUICK, prepare_task
+
+    out = tmp_path / "demo"
+    prepare_task(out, 0, QUICK)
+    prepare_task(out, 0, QUICK)  # same task: reused
+    with pytest.raises(SystemExit, match="holds another task"):
+        prepare_task(out, 0, replace(QUICK, task="sizing"))
+    with pytest.raises(SystemExit, match="holds another task"):
+        prepare_task(out, 1, QUICK)
+    (out / "data" / "task.json").unlink()
+    with pytest.raises(SystemExit, match="without a task.json"):
+        prepare_task(out, 0, QUICK)
 
 
 def test_ablation_list_covers_method_md():

@@ -43,6 +43,7 @@ __all__ = [
     "MAX_VALUE",
     "NumberRanges",
     "DEFAULT_RANGES",
+    "TASKS",
 ]
 
 MAX_VALUE = 200  # every intermediate value is in 1..MAX_VALUE
@@ -72,6 +73,13 @@ class NumberRanges:
 
 
 DEFAULT_RANGES = NumberRanges()
+# Named tasks for `kava demo --task`. "sizing" is the DEMO_SIZING.md task; "small" keeps every value within
+# 1..60, the demo's default: a latent must hold each intermediate result as one vector, computed in one pass,
+# and at 1..200 the 1.9M-parameter demo model could not (docs/results.md).
+TASKS = {
+    "small": NumberRanges(max_value=60, add=(1, 15), mul=(2, 5), start=(2, 20)),
+    "sizing": DEFAULT_RANGES,
+}
 
 # name, subject pronoun, object pronoun, possessive
 _PEOPLE = [
