@@ -47,9 +47,11 @@ def phases() -> dict[str, float]:
     t = time.perf_counter()
     ac = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast)
     ac.__enter__()
-    teacher = model.teacher(tb)
+    # As KavaModel.training_loss: the student reuses the teacher's question pass when the config says so.
+    share = model.cfg.train.share_question_pass
+    teacher = model.teacher(tb, question_mask=sb.prefix_mask if share else None)
     t = mark("teacher_forward", t)
-    student = model.student(sb)
+    student = model.student(sb, question=teacher.question)
     t = mark("student_forward", t)
     compressed = model.compress_teacher_kv(teacher)
     t = mark("compress_teacher_kv", t)

@@ -159,7 +159,6 @@ def latent_swap_ce(model, examples: Sequence[Example], batch_size: int | None = 
     bs = max(2, batch_size or cfg.eval.batch_size)
     device = next(model.parameters()).device
     enc = model.encoder
-    M = cfg.latent.num_tokens
     sums = {"own": 0.0, "swapped": 0.0}
     tokens = 0
     for s in range(0, len(exs), bs):
