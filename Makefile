@@ -24,8 +24,8 @@ demo: setup  ## train KaVa and No-CoT from scratch on the synthetic task, evalua
 
 # Extra config overrides for the ablation runs, e.g. ABLATE_SETS="--set train.max_steps=900".
 ABLATE_SETS ?=
-ablate: setup  ## the ablation table on the demo task (13 distinct runs off one shared warm start)
-	$(PY) -m kava demo --ablate --output runs/ablate --results-md docs/results.md $(ABLATE_SETS)
+ablate: setup  ## METHOD.md's ablations on the demo task: the sweep spec configs/sweeps/ablate-demo.yaml, 2 workers
+	$(PY) -m kava demo --ablate --output runs/ablate --workers 2 $(ABLATE_SETS)
 
 smollm2: setup  ## a longer LoRA run on the real SmolLM2-135M-Instruct, offline
 	$(PY) -m kava train --preset smollm2-gsm8k --output runs/smollm2 --set train.max_steps=300

@@ -274,11 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
     errors = _user_errors()
-    if argv and argv[0] == "demo":
+    if argv and argv[0] in ("demo", "sweep"):
         try:
-            from kava import demo
+            import importlib
 
-            return int(demo.main(argv[1:]) or 0)
+            return int(importlib.import_module(f"kava.{argv[0]}").main(argv[1:]) or 0)
         except errors as e:
             print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
             return EXIT_USAGE

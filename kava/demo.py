@@ -7,7 +7,8 @@ Steps (``kava demo``):
 4. evaluate KaVa in latent mode, the same model in CoT (teacher) mode, and No-CoT, on >= 500 held-out problems;
 5. write report.md, report.json and training_curves.png; print the table.
 
-``kava demo --ablate`` trains the METHOD.md ablation variants on the same task instead.
+``kava demo --ablate`` runs METHOD.md's ablations on the same task instead: the sweep spec
+configs/sweeps/ablate-demo.yaml (kava.sweep).
 """
 from __future__ import annotations
 
@@ -21,36 +22,16 @@ from pathlib import Path
 import torch
 
 from kava.config import KavaConfig
-from kava.checkpoint import step_dir_name
 from kava.train import preset_path
 
 log = logging.getLogger(__name__)
-
-# (name, --set overrides) for `--ablate`; METHOD.md's list.
-ABLATIONS: list[tuple[str, list[str]]] = [
-    ("kava", []),
-    ("pccot (no KV loss)", ["method=pccot"]),
-    ("no CODI loss", ["loss.alpha_codi=0"]),
-    ("no projection", ["latent.use_projection=false"]),
-    ("kv_supervision=all", ["loss.kv_supervision=all"]),
-    ("eviction=importance", ["eviction.method=importance"]),
-    ("eviction=redundancy", ["eviction.method=redundancy"]),
-    ("eviction=crop", ["eviction.method=crop"]),
-    ("eviction=random", ["eviction.method=random"]),
-    ("M=6", ["latent.num_tokens=6"]),
-    ("M=12", ["latent.num_tokens=12"]),
-    ("M=24", ["latent.num_tokens=24"]),
-    ("T=0", ["latent.num_iterations=0"]),
-    ("T=1", ["latent.num_iterations=1"]),
-    ("T=3", ["latent.num_iterations=3"]),
-]
-
 
 @dataclass
 class DemoSizes:
     task: str = "small"  # a name in kava.data.synthetic.TASKS
     n_train: int = 40000
     n_test: int = 500
+    n_valid: int = 2000  # drawn after train and test from its own stream; choices are made on it
     vocab_size: int = 512
     hidden: int = 192
     layers: int = 4
@@ -59,21 +40,31 @@ class DemoSizes:
     intermediate: int = 576
 
 
-QUICK = DemoSizes(n_train=64, n_test=8, vocab_size=300, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64)
+QUICK = DemoSizes(n_train=64, n_test=8, n_valid=8, vocab_size=300, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64)
 
 
-def prepare_task(out: Path, seed: int, sizes: DemoSizes, style: str = "equations") -> tuple[Path, Path, Path]:
-    """Write train/test jsonl, a tokenizer and a random-init LLaMA; -> (train, test, model dir)."""
+@dataclass(frozen=True)
+class TaskFiles:
+    """What prepare_task writes: the three splits (disjoint by question) and the random-init model."""
+    train: Path
+    valid: Path
+    test: Path
+    model_dir: Path
+
+
+def prepare_task(out: Path, seed: int, sizes: DemoSizes, style: str = "equations") -> TaskFiles:
+    """Write train/valid/test jsonl, a tokenizer and a random-init LLaMA."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kava.data.synthetic import TASKS, make_splits, write_jsonl
+    from kava.data.synthetic import TASKS, make_heldout, make_splits, write_jsonl
     from kava.data.tokenizer import build_demo_tokenizer
 
     data_dir = out / "data"
     train_path, test_path, model_dir = data_dir / "train.jsonl", data_dir / "test.jsonl", out / "base_model"
+    valid_path = data_dir / "valid.jsonl"
     ranges = TASKS[sizes.task]
     task = {"task": sizes.task, "ranges": asdict(ranges), "seed": seed, "style": style,
-            "n_train": sizes.n_train, "n_test": sizes.n_test}
+            "n_train": sizes.n_train, "n_test": sizes.n_test, "n_valid": sizes.n_valid}
     task_file = data_dir / "task.json"
     if (train_path.exists() or test_path.exists()) and not task_file.exists():
         raise SystemExit(f"{data_dir}: data without a task.json (an older demo run); cannot tell which task it "
@@ -83,10 +74,12 @@ def prepare_task(out: Path, seed: int, sizes: DemoSizes, style: str = "equations
         if found != json.loads(json.dumps(task)):
             raise SystemExit(f"{task_file}: this run directory holds another task ({found}); "
                              f"expected {task}. Use another --output or delete {out}.")
-    if not train_path.exists() or not test_path.exists():
+    if not train_path.exists() or not test_path.exists() or not valid_path.exists():
         train, test = make_splits(sizes.n_train, sizes.n_test, seed=seed, style=style, ranges=ranges)
+        valid = make_heldout(sizes.n_valid, [*train, *test], seed=seed, name="valid", style=style, ranges=ranges)
         write_jsonl(train, train_path)
         write_jsonl(test, test_path)
+        write_jsonl(valid, valid_path)
         task_file.write_text(json.dumps(task, indent=1))
     if not (model_dir / "config.json").exists():
         from kava.data.formats import load_examples
@@ -102,7 +95,7 @@ def prepare_task(out: Path, seed: int, sizes: DemoSizes, style: str = "equations
             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         )
         LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)
-    return train_path, test_path, model_dir
+    return TaskFiles(train=train_path, valid=valid_path, test=test_path, model_dir=model_dir)
 
 
 def demo_config(model_dir: Path, train_path: Path, seed: int, extra: list[str]) -> KavaConfig:
@@ -195,7 +188,8 @@ def _describe_task(name: str) -> str:
 
 def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str]) -> dict:
     t_start = time.perf_counter()
-    train_path, test_path, model_dir = prepare_task(out, seed, sizes)
+    task = prepare_task(out, seed, sizes)
+    train_path, test_path, model_dir = task.train, task.test, task.model_dir
     kava_cfg = demo_config(model_dir, train_path, seed, extra)
     nocot_cfg = kava_cfg.override(["method=nocot", "train.curriculum_cot_steps=0"])
     kava = train_and_eval("kava", kava_cfg, out, test_path, ["latent", "cot"])
@@ -238,93 +232,14 @@ def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str]) -> dict:
     return result
 
 
-def shared_warm_start(cfg: KavaConfig, out: Path) -> Path | None:
-    """The teacher-only curriculum steps, trained once: every variant with the same parameter set branches off it."""
-    from kava.checkpoint import latest_checkpoint
-    from kava.train import run_training
+def run_ablation(out: Path, seed: int, task: str, extra: list[str], workers: int = 1, quick: bool = False) -> dict:
+    """METHOD.md's ablations: the packaged sweep spec ``ablate-demo`` (configs/sweeps/) at this seed and task."""
+    from kava.sweep import SweepSpec, resolve_spec, run_sweep
 
-    steps = cfg.train.curriculum_cot_steps
-    if steps <= 0:
-        return None
-    run_dir = out / "warm_start"
-    done = run_dir / "checkpoints" / step_dir_name(steps)
-    found = latest_checkpoint(run_dir)
-    if found == done:
-        return done
-    if found is not None:  # an interrupted warm start: begin it again
-        import shutil
-
-        shutil.rmtree(run_dir)
-    return run_training(cfg, run_dir, stop_after_steps=steps)
-
-
-def run_ablation(out: Path, seed: int, sizes: DemoSizes, extra: list[str], results_md: Path | None,
-                 only: set[int] | None = None) -> list[dict]:
-    """Train and evaluate the ABLATIONS variants; ``only``: train just these indices (to share the work between
-    processes: finished variants are reused, so a last call without ``only`` writes the whole table)."""
-    from kava.checkpoint import SHAPE_KEYS
-    from kava.config import config_value
-
-    train_path, test_path, model_dir = prepare_task(out, seed, sizes)
-    base = demo_config(model_dir, train_path, seed, extra)
-    warm = shared_warm_start(base, out)
-    rows = []
-    trained: dict[str, tuple[str, dict]] = {}  # resolved config -> (first variant, result)
-    for i, (label, sets) in enumerate(ABLATIONS):
-        if only is not None and i not in only:
-            continue
-        cfg = demo_config(model_dir, train_path, seed, [*extra, *sets])
-        key = cfg.resolved().to_yaml()
-        if key in trained:
-            # A variant that equals the demo default (e.g. M=6 when the demo uses M=6) is the same run.
-            first, r = trained[key]
-            same_as = first
-        else:
-            # The curriculum steps do not depend on latent / eviction / loss settings, only on the parameter set.
-            same_params = all(config_value(cfg, k) == config_value(base, k) for k in SHAPE_KEYS)
-            r = train_and_eval(f"v{i:02d}", cfg, out, test_path, ["latent"], init_from=warm if same_params else None)
-            trained[key] = (label, r)
-            same_as = None
-        rows.append({"variant": label, "sets": sets, **r["latent"], "train_s": r["train_s"], "same_run_as": same_as})
-        if only is None:
-            (out / "ablation.json").write_text(json.dumps(rows, indent=1))
-    if only is None:
-        _write_ablation(rows, out, results_md, extra, sizes.task)
-    return rows
-
-
-def _write_ablation(rows: list[dict], out: Path, results_md: Path | None, extra: list[str], task: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 3.8))
-    acc = [100 * r["accuracy"] for r in rows]
-    err = [[a - 100 * r["ci95"][0] for a, r in zip(acc, rows)], [100 * r["ci95"][1] - a for a, r in zip(acc, rows)]]
-    ax.bar(range(len(rows)), acc, yerr=err, capsize=3)
-    ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=40, ha="right", fontsize=8)
-    ax.set_ylabel("held-out accuracy % (latent)")
-    fig.tight_layout()
-    png = out / "ablation.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    table = ["| variant | accuracy % | 95% CI | n | forward passes |", "|---|---|---|---|---|"]
-    for r in rows:
-        name = r["variant"] + (f" (= {r['same_run_as']})" if r.get("same_run_as") else "")
-        table.append(f"| {name} | {100 * r['accuracy']:.1f} | [{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}] "
-                     f"| {r['n']} | {r['forward_passes_mean']:.1f} |")
-    (out / "ablation.md").write_text("\n".join(table) + "\n")
-    if results_md is not None:
-        import shutil
-
-        shutil.copy(png, results_md.parent / "ablation.png")
-        sets = " ".join(f"--set {x}" for x in extra)
-        section = (f"\n## Ablations on the demo task `{task}` ({time.strftime('%Y-%m-%d')}, "
-                   f"`kava demo --ablate --task {task} {sets}`)\n\n"
-                   + "\n".join(table) + "\n\n![ablation](ablation.png)\n")
-        with results_md.open("a") as fh:
-            fh.write(section)
+    spec = SweepSpec.from_yaml(resolve_spec("ablate-demo"))
+    sizes = {"quick": True, "n_test": QUICK.n_test, "n_valid": QUICK.n_valid} if quick else spec.sizes
+    spec = replace(spec, seeds=[seed], task=task, sets=[*spec.sets, *extra], sizes=sizes)
+    return run_sweep(spec, out, workers=workers, threads=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,11 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default="runs/demo", help="run directory")
     p.add_argument("--seed", type=int, default=0, help="seed of the task, the model init and the data order")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-    p.add_argument("--ablate", action="store_true", help="run the ablation variants instead of the demo")
-    p.add_argument("--results-md", default=None, help="with --ablate: append the table to this Markdown file")
-    p.add_argument("--only", default=None, metavar="I,J,...",
-                   help="with --ablate: train only these variant indices (0-based, as listed in kava/demo.py); "
-                        "run several such processes, then once without --only to write the table")
+    p.add_argument("--ablate", action="store_true",
+                   help="run METHOD.md's ablations instead of the demo: the sweep spec configs/sweeps/ablate-demo.yaml "
+                        "(the same as 'kava sweep ablate-demo'; report_valid.md in --output)")
+    p.add_argument("--workers", type=int, default=1, help="with --ablate: parallel single-thread worker processes")
     p.add_argument("--task", default="small", choices=sorted(TASKS),
                    help="number sizes of the synthetic problems: small (values <= 60, the default) or "
                         "sizing (values <= 200, the task of docs/DEMO_SIZING)")
@@ -351,10 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     if args.ablate:
-        only = {int(x) for x in args.only.split(",")} if args.only else None
-        if only is not None and not only <= set(range(len(ABLATIONS))):
-            p.error(f"--only: indices must be in 0..{len(ABLATIONS) - 1}, got {args.only}")
-        run_ablation(out, args.seed, sizes, args.sets, Path(args.results_md) if args.results_md else None, only)
+        if args.workers < 1:
+            p.error(f"--workers: must be >= 1, got {args.workers}")
+        run_ablation(out, args.seed, args.task, args.sets, args.workers, quick=args.quick)
     else:
         run_demo(out, args.seed, sizes, args.sets)
     return 0

@@ -20,6 +20,7 @@ from kava.eviction import CompressedKV
 EPS = 1e-6
 CODI_KINDS = ("smooth_l1", "l1")
 KV_KINDS = ("smooth_l1", "l1", "mse")
+KV_REDUCTIONS = ("mean", "sum")
 
 
 def _distance(a: Tensor, b: Tensor, kind: str) -> Tensor:
@@ -62,7 +63,8 @@ def codi_loss(student_h: Tensor, teacher_h: Tensor, kind: str = "smooth_l1",
 
 
 def kv_loss(student_k: Tensor, student_v: Tensor, teacher_k: Tensor, teacher_v: Tensor,
-            slot_mask: Tensor, kind: str = "smooth_l1", layerwise_std: bool = True) -> Tensor:
+            slot_mask: Tensor, kind: str = "smooth_l1", layerwise_std: bool = True,
+            reduction: str = "mean") -> Tensor:
     """KV distillation loss against the compressed teacher KV.
 
     student_k, teacher_k: ``[B, L, H, M, d]``; student_v, teacher_v: ``[B, L, H, M, d_v]``;
@@ -73,6 +75,8 @@ def kv_loss(student_k: Tensor, student_v: Tensor, teacher_k: Tensor, teacher_v: 
     valid slots, d) instead of the sum over L, H, d, so the loss size (and the
     right alpha_kv) does not change with model shape; it differs from the formula
     by the constant L*H*d only. K and V terms are averaged (the 1/2).
+    ``reduction="sum"`` is the paper's scale: the same value times L*H*d (d_v for
+    the V term), i.e. summed over layers, heads and dims, averaged over valid slots.
 
     With ``layerwise_std`` each layer's mean distance is divided by the std of the
     teacher K (resp. V) of that layer over valid slots (detached, clamped to >= 1e-6);
@@ -81,6 +85,8 @@ def kv_loss(student_k: Tensor, student_v: Tensor, teacher_k: Tensor, teacher_v: 
     """
     if kind not in KV_KINDS:
         raise ValueError(f"kind: expected one of {', '.join(KV_KINDS)}, got {kind!r}")
+    if reduction not in KV_REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {', '.join(KV_REDUCTIONS)}, got {reduction!r}")
     if student_k.dim() != 5 or student_k.shape != teacher_k.shape:
         raise ValueError(f"student_k, teacher_k: expected equal shapes [B, L, H, M, d], got "
                          f"{tuple(student_k.shape)} and {tuple(teacher_k.shape)}")
@@ -103,6 +109,8 @@ def kv_loss(student_k: Tensor, student_v: Tensor, teacher_k: Tensor, teacher_v: 
             mean = torch.where(mask, t, 0.0).sum(dim=(0, 2, 3, 4), keepdim=True) / count
             var = torch.where(mask, (t - mean).square(), 0.0).sum(dim=(0, 2, 3, 4)) / count
             per_layer = per_layer / var.sqrt().clamp_min(EPS)
+        if reduction == "sum":  # sum over layers, heads and dims instead of their mean
+            return per_layer.sum() * (H * s.shape[-1])
         return per_layer.mean()
 
     return 0.5 * (one(student_k, teacher_k) + one(student_v, teacher_v))
@@ -154,7 +162,7 @@ def total_loss(*, ce_student: Optional[Tensor], ce_teacher: Optional[Tensor],
             k, v = latent_kv[t]
             with maybe_grad(cfg.alpha_kv if t in supervised else 0.0):
                 iters[t] = kv_loss(k, v, teacher_kv.keys, teacher_kv.values, teacher_kv.slot_mask,
-                                   cfg.kv_loss, cfg.kv_layerwise_std)
+                                   cfg.kv_loss, cfg.kv_layerwise_std, cfg.kv_reduction)
         kv = torch.stack([iters[t] for t in supervised]).mean()
 
     ce_s = ce_student if ce_student is not None else zero

@@ -246,12 +246,28 @@ def make_accelerator(cfg: KavaConfig):
 
 
 def build_optimizer(cfg: KavaConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters only (LoRA, new-token rows, projection; or all for full FT)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    """AdamW over the trainable parameters only (LoRA, new-token rows, projection; or all for full FT).
+
+    With ``train.weight_decay_scope=matrices`` (as HF Trainer, which CODI and PCCoT use) biases, norm
+    weights (every tensor of fewer than 2 dims) and the trainable new-token rows are not decayed.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ConfigError("nothing to train: no parameter requires a gradient (check lora.*)")
     t = cfg.train
-    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    if t.weight_decay_scope == "all":
+        groups = [{"params": [p for _, p in named], "weight_decay": t.weight_decay}]
+    else:
+        decayed = [p for n, p in named if not is_decay_exempt(n, p)]
+        exempt = [p for n, p in named if is_decay_exempt(n, p)]
+        groups = [g for g in ({"params": decayed, "weight_decay": t.weight_decay},
+                              {"params": exempt, "weight_decay": 0.0}) if g["params"]]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+
+
+def is_decay_exempt(name: str, param: torch.Tensor) -> bool:
+    """Biases, norm weights and peft's trainable new-token rows get no weight decay."""
+    return param.dim() < 2 or "trainable_tokens" in name
 
 
 def build_scheduler(cfg: KavaConfig, optimizer, max_steps: int):

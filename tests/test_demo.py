@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from kava.demo import ABLATIONS, main
+from kava.demo import main
 
 
 def test_demo_quick_end_to_end(tmp_path):
@@ -56,49 +56,37 @@ def test_demo_refuses_a_run_directory_of_another_task(tmp_path):
         prepare_task(out, 0, QUICK)
 
 
-def test_ablation_list_covers_method_md():
-    sets = {s for _, ss in ABLATIONS for s in ss}
-    for needed in ("method=pccot", "loss.alpha_codi=0", "latent.use_projection=false", "loss.kv_supervision=all",
+def test_ablation_spec_covers_method_md():
+    """The packaged ablate-demo spec has METHOD.md's ablations, and every override is a valid config key."""
+    from kava.sweep import SweepSpec, resolve_spec, variant_config
+
+    spec = SweepSpec.from_yaml(resolve_spec("ablate-demo"))
+    sets = {s for ss in spec.variants.values() for s in ss}
+    for needed in ("method=pccot", "method=codi", "latent.mode=sequential", "loss.alpha_codi=0",
+                   "latent.use_projection=false", "loss.kv_supervision=all", "loss.kv_reduction=sum",
                    "eviction.method=importance", "eviction.method=redundancy", "eviction.method=crop",
-                   "eviction.method=random", "latent.num_tokens=6", "latent.num_tokens=12", "latent.num_tokens=24",
-                   "latent.num_iterations=0", "latent.num_iterations=1", "latent.num_iterations=3"):
+                   "eviction.method=random", "latent.num_tokens=12", "latent.num_tokens=24",
+                   "latent.num_iterations=0", "latent.num_iterations=1"):
         assert needed in sets
+    assert spec.reference == "kava" and spec.variants["kava"] == []
+    configs = {name: variant_config(spec, name, 0).to_yaml() for name in spec.variants}
+    assert len(set(configs.values())) == len(configs), "two variants are the same run"
+    assert spec.sizes["n_valid"] >= 2000
 
 
-def test_ablation_trains_each_distinct_config_once(tmp_path, monkeypatch):
-    """Variants equal to the demo default (M=6, T=3 when the demo uses them) reuse the kava run, marked in the table."""
-    import kava.demo as demo
+def test_demo_ablate_runs_the_sweep_spec(tmp_path, monkeypatch):
+    """kava demo --ablate is the ablate-demo sweep at the given seed, task and extra overrides."""
+    import kava.sweep
 
-    calls = []
+    seen = {}
 
-    def fake_train_and_eval(name, cfg, out, test_path, modes, init_from=None):
-        calls.append((name, cfg.latent.use_projection, init_from))
-        acc = 0.01 * len(calls)
-        return {"train_s": 1.0, "latent": {"accuracy": acc, "ci95": [acc / 2, acc * 2], "n": 8,
-                                           "forward_passes_mean": 5.0}}
+    def fake_run_sweep(spec, out, workers=1, threads=1, split="valid", train=True):
+        seen.update(spec=spec, out=out, workers=workers)
+        return {}
 
-    monkeypatch.setattr(demo, "train_and_eval", fake_train_and_eval)
-    tiny = ["train.max_steps=3", "train.curriculum_cot_steps=2", "train.global_batch_size=4", "train.micro_batch_size=4"]
-    rows = demo.run_ablation(tmp_path / "abl", 0, demo.QUICK, tiny, None)
-    assert len(rows) == len(ABLATIONS)
-    # One shared teacher-only warm start; every variant with the same parameter set branches off it.
-    warm = tmp_path / "abl" / "warm_start" / "checkpoints" / "step-000002"
-    assert (warm / "COMPLETE").exists()
-    assert all(init == (warm if proj else None) for _, proj, init in calls)
-    assert sum(1 for _, proj, _ in calls if not proj) == 1
-    base = demo.demo_config(tmp_path, tmp_path, 0, [])
-    dup_labels = {f"M={base.latent.num_tokens}", f"T={base.latent.num_iterations}"}
-    assert len(calls) == len(ABLATIONS) - len(dup_labels)
-    by_label = {r["variant"]: r for r in rows}
-    for label in dup_labels:
-        assert by_label[label]["same_run_as"] == "kava"
-        assert by_label[label]["accuracy"] == by_label["kava"]["accuracy"]
-    assert by_label["M=24"]["same_run_as"] is None
-    table = (tmp_path / "abl" / "ablation.md").read_text()
-    assert f"M={base.latent.num_tokens} (= kava)" in table
-    # --only: a share of the variants, no table (a last call without it writes the table).
-    calls.clear()
-    (tmp_path / "abl" / "ablation.md").unlink()
-    rows = demo.run_ablation(tmp_path / "abl", 0, demo.QUICK, tiny, None, only={3, 11})
-    assert [r["variant"] for r in rows] == [ABLATIONS[3][0], ABLATIONS[11][0]] and len(calls) == 2
-    assert not (tmp_path / "abl" / "ablation.md").exists()
+    monkeypatch.setattr(kava.sweep, "run_sweep", fake_run_sweep)
+    assert main(["--ablate", "--quick", "--seed", "3", "--task", "sizing", "--workers", "2",
+                 "--output", str(tmp_path / "abl"), "--set", "train.max_steps=9"]) == 0
+    spec = seen["spec"]
+    assert spec.seeds == [3] and spec.task == "sizing" and spec.sets[-1] == "train.max_steps=9"
+    assert spec.sizes["quick"] is True and seen["workers"] == 2 and seen["out"] == tmp_path / "abl"

@@ -166,6 +166,83 @@ def test_kv_bad_args():
         kv_loss(sk, sv, tk, tv, ok, kind="huber")
 
 
+def _kv_sum_reference(sk, sv, tk, tv, mask, kind, layerwise):
+    """The paper's scale written plainly: per layer, the mean distance over valid elements (divided by the
+    population std of that layer's valid teacher elements), summed over layers, times H * d."""
+    def dist(a, b):
+        if kind == "smooth_l1":
+            x = (a - b).abs()
+            return torch.where(x < 1.0, 0.5 * x * x, x - 0.5)
+        return (a - b).abs() if kind == "l1" else (a - b) ** 2
+
+    def one(s, t):
+        _, L, H, _, d = s.shape
+        total = 0.0
+        for l in range(L):
+            # [B, H, M, d] -> [B, M, H, d] -> valid slots only: [n_valid, H, d]
+            sl = s[:, l].double().permute(0, 2, 1, 3)[mask]
+            tl = t[:, l].double().permute(0, 2, 1, 3)[mask]
+            term = dist(sl, tl).mean()
+            if layerwise:
+                term = term / ((tl - tl.mean()) ** 2).mean().sqrt()
+            total += term.item()
+        return total * H * d
+
+    return 0.5 * (one(sk, tk) + one(sv, tv))
+
+
+@pytest.mark.parametrize("kind", ["smooth_l1", "l1", "mse"])
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_kv_sum_reduction_matches_plain_reference(kind, layerwise):
+    g = torch.Generator().manual_seed(4)
+    B, L, H, M, d_k, d_v = 3, 3, 2, 5, 4, 6
+    scale = torch.tensor([1.0, 3.0, 0.5]).view(1, L, 1, 1, 1)  # layers of different scales
+    tk = torch.randn(B, L, H, M, d_k, generator=g) * scale
+    tv = torch.randn(B, L, H, M, d_v, generator=g) * scale
+    sk = tk + torch.randn(B, L, H, M, d_k, generator=g) * 1.5
+    sv = tv + torch.randn(B, L, H, M, d_v, generator=g) * 1.5
+    mask = torch.tensor([[True, True, False, True, False],
+                         [False, True, True, False, False],
+                         [True, True, True, True, True]])
+    got = kv_loss(sk, sv, tk, tv, mask, kind=kind, layerwise_std=layerwise, reduction="sum")
+    want = _kv_sum_reference(sk, sv, tk, tv, mask, kind, layerwise)
+    assert got.shape == ()
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    # sum = mean * L*H*d per half: with d_k != d_v the halves scale differently
+    mean = kv_loss(sk, sv, tk, tv, mask, kind=kind, layerwise_std=layerwise, reduction="mean")
+    assert got.item() != pytest.approx(mean.item() * L * H * d_k, rel=1e-3)
+    k_only = kv_loss(sk, tv, tk, tv, mask, kind=kind, layerwise_std=layerwise)  # V half is 0
+    v_only = kv_loss(tk, sv, tk, tv, mask, kind=kind, layerwise_std=layerwise)  # K half is 0
+    assert got.item() == pytest.approx(k_only.item() * L * H * d_k + v_only.item() * L * H * d_v, rel=1e-5)
+
+
+def test_kv_sum_reduction_keeps_masking_and_grad():
+    sk, sv, tk, tv = _random_kv(5)
+    mask = torch.tensor([[True, False, True, False], [False, False, False, False]])
+    slot = ~mask[:, None, None, :, None].expand_as(sk)
+    base = kv_loss(sk, sv, tk, tv, mask, reduction="sum")
+    sv2 = sv.clone()
+    sv2[slot] = float("nan")  # NaN at masked slots does not reach the value
+    torch.testing.assert_close(kv_loss(sk, sv2, tk, tv, mask, reduction="sum"), base)
+    sk2 = sk.clone()
+    sk2[slot] = 123.0
+    s = sk2.requires_grad_(True)
+    loss = kv_loss(s, sv, tk, tv, mask, reduction="sum")
+    torch.testing.assert_close(loss, base)
+    loss.backward()
+    assert (s.grad[slot] == 0).all() and (s.grad[~slot] != 0).any()
+    # no valid slot: still a zero in the graph
+    zero = kv_loss(sk.requires_grad_(True), sv, tk, tv, torch.zeros(2, 4, dtype=torch.bool), reduction="sum")
+    assert zero.item() == 0.0 and zero.requires_grad
+
+
+@pytest.mark.parametrize("bad", ["avg", "none", "Sum", ""])
+def test_kv_bad_reduction_is_named(bad):
+    sk, sv, tk, tv = _random_kv()
+    with pytest.raises(ValueError, match=rf"reduction: expected one of mean, sum, got {bad!r}"):
+        kv_loss(sk, sv, tk, tv, torch.ones(2, 4, dtype=torch.bool), reduction=bad)
+
+
 # ---------------------------------------------------------------------------
 # total_loss
 # ---------------------------------------------------------------------------
@@ -261,3 +338,26 @@ def test_total_respects_outer_no_grad():
     with torch.no_grad():
         loss, m = total_loss(**kw, cfg=LossCfg())
     assert not loss.requires_grad and m["kv"] > 0
+
+
+@pytest.mark.parametrize("supervision", ["last", "all"])
+def test_total_kv_reduction_sum_scales_the_kv_metric(supervision):
+    from kava.config import KavaConfig
+
+    assert LossCfg().kv_reduction == "mean"
+    B, L, H, M, d = _setup()["teacher_kv"].keys.shape
+    factor = L * H * d  # d_k == d_v here
+    _, mean = total_loss(**_setup(), cfg=LossCfg(kv_supervision=supervision))
+    loss, summed = total_loss(**_setup(), cfg=LossCfg(kv_supervision=supervision, kv_reduction="sum"))
+    assert summed["kv"] == pytest.approx(mean["kv"] * factor, rel=1e-5)
+    for t in range(4):
+        assert summed[f"kv_loss_iter_{t}"] == pytest.approx(mean[f"kv_loss_iter_{t}"] * factor, rel=1e-5)
+    # the other terms are untouched and the total uses the summed kv
+    assert summed["codi"] == mean["codi"] and summed["ce_student"] == mean["ce_student"]
+    cfg = LossCfg()
+    assert summed["loss"] == pytest.approx(2.0 + cfg.teacher_weight * 1.5 + cfg.alpha_codi * summed["codi"]
+                                           + cfg.alpha_kv * summed["kv"], rel=1e-6)
+    assert loss.item() == pytest.approx(summed["loss"], rel=1e-6)
+    # the config key reaches total_loss through a --set override too
+    via_cfg = KavaConfig().override([f"loss.kv_supervision={supervision}", "loss.kv_reduction=sum"]).loss
+    assert total_loss(**_setup(), cfg=via_cfg)[1]["kv"] == pytest.approx(summed["kv"], rel=1e-6)

@@ -23,8 +23,10 @@ from kava.config import ConfigError, KavaConfig
 from kava.data.formats import DataError
 from kava.train import (
     TrainingAborted,
+    build_optimizer,
     build_scheduler,
     global_batch,
+    is_decay_exempt,
     main,
     my_micro_batches,
     preset_path,
@@ -430,3 +432,102 @@ def test_student_weight_scales_only_the_student_terms(tiny_llama_dir):
     assert float(full) == pytest.approx(student + teacher, rel=1e-5)
     assert float(part) == pytest.approx(0.25 * student + teacher, rel=1e-5)
     assert m2["ce_student"] == pytest.approx(m["ce_student"])  # metrics stay unscaled
+
+
+# ----------------------------------------------------------------------------
+# optimizer: weight-decay groups
+# ----------------------------------------------------------------------------
+def optimizer_groups(model, opt) -> tuple[dict[str, float], list[dict]]:
+    """{parameter name: weight_decay of its group}, checking each trainable tensor is in exactly one group."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_groups = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    assert len(in_groups) == len(set(in_groups)), "a parameter is in two groups"
+    assert set(in_groups) == {n for n, p in model.named_parameters() if p.requires_grad}
+    return {names[id(p)]: g["weight_decay"] for g in opt.param_groups for p in g["params"]}, opt.param_groups
+
+
+def test_is_decay_exempt_rule():
+    assert is_decay_exempt("lm.model.norm.weight", torch.zeros(8))
+    assert is_decay_exempt("projection.net.0.bias", torch.zeros(8))
+    assert is_decay_exempt("x.token_adapter.trainable_tokens_delta.default", torch.zeros(3, 8))
+    assert not is_decay_exempt("lm.model.layers.0.mlp.up_proj.weight", torch.zeros(16, 8))
+    assert not is_decay_exempt("q_proj.lora_A.default.weight", torch.zeros(4, 8))
+
+
+def test_full_ft_decays_matrices_only(tiny_dir):
+    from kava.model import KavaModel
+
+    cfg = tiny_config(tiny_dir, **{"lora.enabled": False, "train.weight_decay": 0.05})
+    assert cfg.train.weight_decay_scope == "matrices"  # the default
+    model = KavaModel.from_config(cfg)
+    opt = build_optimizer(cfg, model)
+    wd, groups = optimizer_groups(model, opt)
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.05]
+    params = dict(model.named_parameters())
+    norms = [n for n in wd if "norm" in n or n.startswith("projection.net.3.")]
+    biases = [n for n in wd if n.endswith(".bias")]
+    matrices = [n for n in wd if n.startswith("lm.") and params[n].dim() == 2]
+    assert len(norms) >= 5 and biases and len(matrices) >= 14
+    if model.config.model_type == "qwen2":  # Qwen2 has q/k/v biases in the backbone
+        assert any(n.startswith("lm.") and "self_attn" in n for n in biases)
+    assert all(wd[n] == 0.0 for n in norms + biases), [n for n in norms + biases if wd[n]]
+    assert all(wd[n] == 0.05 for n in matrices), [n for n in matrices if wd[n] != 0.05]
+    assert all(wd[n] == (0.0 if params[n].dim() < 2 else 0.05) for n in wd)
+    assert wd["projection.net.0.weight"] == wd["projection.net.2.weight"] == 0.05
+    # lr and betas reach every group
+    assert all(g["lr"] == cfg.train.lr and g["betas"] == tuple(cfg.train.betas) for g in groups)
+
+
+def test_lora_new_token_rows_are_not_decayed(tiny_llama_dir):
+    from kava.model import KavaModel
+
+    cfg = tiny_config(tiny_llama_dir)
+    assert cfg.lora.enabled
+    model = KavaModel.from_config(cfg)
+    wd, _ = optimizer_groups(model, build_optimizer(cfg, model))
+    tokens = [n for n in wd if "trainable_tokens" in n]
+    lora = [n for n in wd if "lora_A" in n or "lora_B" in n]
+    assert tokens and all(wd[n] == 0.0 for n in tokens)
+    assert any(dict(model.named_parameters())[n].dim() == 2 for n in tokens)  # exempt by name, not by shape
+    assert lora and all(wd[n] == cfg.train.weight_decay > 0 for n in lora)
+    assert all(wd[n] == 0.0 for n in wd if n.endswith(".bias"))
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_weight_decay_scope_all_is_one_group(tiny_llama_dir, lora):
+    from kava.model import KavaModel
+
+    cfg = tiny_config(tiny_llama_dir, **{"lora.enabled": lora, "train.weight_decay_scope": "all"})
+    model = KavaModel.from_config(cfg)
+    opt = build_optimizer(cfg, model)
+    wd, groups = optimizer_groups(model, opt)
+    assert len(groups) == 1 and groups[0]["weight_decay"] == cfg.train.weight_decay > 0
+    assert set(wd.values()) == {cfg.train.weight_decay}
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_zero_grad_adamw_step_decays_only_matrices(tiny_llama_dir, lora):
+    """With zero gradients Adam's update is 0, so only the decoupled decay moves a tensor."""
+    from conftest import perturb_trainables
+    from kava.model import KavaModel
+
+    cfg = tiny_config(tiny_llama_dir, **{"lora.enabled": lora, "train.lr": 0.1, "train.weight_decay": 0.5})
+    model = KavaModel.from_config(cfg)
+    perturb_trainables(model)  # LoRA B starts at zero: make every tensor visibly non-zero
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in named.items()}
+    opt = build_optimizer(cfg, model)
+    for p in named.values():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    exempt = [n for n, p in named.items() if is_decay_exempt(n, p)]
+    decayed = [n for n in named if n not in exempt]
+    assert exempt and decayed
+    if lora:
+        assert any("trainable_tokens" in n for n in exempt)
+    else:
+        assert any("norm" in n for n in exempt)
+    for n in exempt:
+        assert torch.equal(named[n], before[n]), n
+    for n in decayed:  # AdamW: p <- p * (1 - lr * wd)
+        torch.testing.assert_close(named[n].detach(), before[n] * (1 - 0.1 * 0.5), msg=n)

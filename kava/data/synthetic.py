@@ -303,6 +303,31 @@ def make_splits(n_train: int, n_test: int, seed: int = 0, style: str = "equation
     return train, test
 
 
+def make_heldout(n: int, exclude: Iterable[Example], seed: int = 0, name: str = "valid",
+                 style: str = "equations", ranges: NumberRanges = DEFAULT_RANGES) -> list[Example]:
+    """``n`` more distinct problems, none of whose questions is in ``exclude`` (e.g. the train and test sets).
+
+    They come from their own random stream (seeded by ``seed`` and ``name``), so adding a validation split
+    leaves make_splits' train and test sets unchanged.
+    """
+    if n < 0:
+        raise ValueError(f"make_heldout: n must be >= 0, got {n}")
+    rng = random.Random(f"{seed}:{name}")
+    seen = {e.question for e in exclude}
+    out: list[Example] = []
+    budget = 20 * n + 1000
+    while len(out) < n:
+        budget -= 1
+        if budget < 0:
+            raise RuntimeError(f"make_heldout: could not draw {n} problems outside the {len(seen)} excluded")
+        p = sample_problem(rng, ranges=ranges)
+        if p.question in seen:
+            continue
+        seen.add(p.question)
+        out.append(make_example(p, style))
+    return out
+
+
 def write_jsonl(examples: Iterable[Example], path: str | Path) -> Path:
     """Write examples in the gsm8k-aug schema (``question``, ``steps``, ``answer``), one per line."""
     path = Path(path)

@@ -14,6 +14,7 @@ from kava.data.synthetic import (
     NumberRanges,
     generate_problem,
     make_example,
+    make_heldout,
     make_splits,
     sample_problem,
     write_jsonl,
@@ -140,3 +141,68 @@ def test_number_ranges_bound_every_step(ranges):
 def test_bad_number_ranges_name_the_field(kw, key):
     with pytest.raises(ValueError, match=rf"NumberRanges\.{key}"):
         NumberRanges(**kw)
+
+
+def test_heldout_is_disjoint_from_train_and_test():
+    train, test = make_splits(600, 200, seed=3)
+    valid = make_heldout(150, train + test, seed=3)
+    assert len(valid) == 150 and all(isinstance(e, Example) for e in valid)
+    vq = [e.question for e in valid]
+    assert len(set(vq)) == 150
+    assert not set(vq) & {e.question for e in train + test}
+    for e in valid:
+        _check_chain(e.steps, e.answer, EQ)
+
+
+def test_heldout_excludes_even_a_dense_exclude_set():
+    # small number ranges: many collisions, so the exclusion really has to filter
+    ranges = NumberRanges(60, (1, 15), (2, 5), (2, 20))
+    rng = random.Random(1)
+    drawn = [make_example(sample_problem(rng, ranges=ranges)) for _ in range(3000)]
+    # the same stream make_heldout uses: its first draws must be skipped
+    same_stream = random.Random("0:valid")
+    exclude = drawn + [make_example(sample_problem(same_stream, ranges=ranges)) for _ in range(50)]
+    valid = make_heldout(100, exclude, ranges=ranges)
+    assert len({e.question for e in valid}) == 100
+    assert not {e.question for e in valid} & {e.question for e in exclude}
+    for e in valid:
+        _check_chain(e.steps, e.answer, EQ, ranges)
+
+
+def test_heldout_is_deterministic_and_named():
+    train, test = make_splits(300, 100, seed=2)
+    a = make_heldout(80, train + test, seed=2)
+    assert a == make_heldout(80, train + test, seed=2)
+    assert a == make_heldout(80, iter(train + test), seed=2)  # any iterable, even one-shot
+    assert a == make_heldout(80, train + test, seed=2, name="valid")  # the default name
+    b = make_heldout(80, train + test, seed=2, name="dev")
+    assert [e.question for e in a] != [e.question for e in b]
+    assert len({e.question for e in a} & {e.question for e in b}) < 10
+    c = make_heldout(80, train + test, seed=5)
+    assert [e.question for e in a] != [e.question for e in c]
+    # NL style: the same problems with NL steps
+    nl = make_heldout(80, train + test, seed=2, style="nl")
+    assert [e.question for e in nl] == [e.question for e in a] and [e.answer for e in nl] == [e.answer for e in a]
+    assert all(NL.fullmatch(s) for e in nl for s in e.steps)
+    # a longer draw extends a shorter one
+    assert make_heldout(30, train + test, seed=2) == a[:30]
+
+
+def test_heldout_leaves_make_splits_unchanged():
+    before = make_splits(200, 50, seed=7)
+    random.seed(0)
+    global_state = random.getstate()
+    make_heldout(100, before[0] + before[1], seed=7)
+    assert random.getstate() == global_state  # its own stream, not the global one
+    assert make_splits(200, 50, seed=7) == before
+
+
+def test_heldout_sizes():
+    train, test = make_splits(20, 10, seed=0)
+    assert make_heldout(0, train + test) == []
+    assert make_heldout(0, []) == []
+    assert len(make_heldout(5, [])) == 5
+    with pytest.raises(ValueError, match="n must be >= 0, got -1"):
+        make_heldout(-1, train + test)
+    with pytest.raises(ValueError, match="style"):
+        make_heldout(3, [], style="latex")

@@ -1,0 +1,537 @@
+"""Sweeps: variants x seeds, trained in parallel worker processes, compared on the same questions.
+
+A spec (YAML) names the base preset or config, the variants (a name and a list of ``key=value`` overrides
+each), the seeds, the budget and the reference variant::
+
+    base: demo                 # a preset name or a config file
+    task: small                # the synthetic demo task, drawn per seed (kava.demo.prepare_task)
+    sizes: {n_test: 2000}      # kava.demo.DemoSizes fields
+    budget: 2500               # train.max_steps of every run
+    seeds: [0, 1, 2]
+    reference: kava
+    sets: []                   # overrides for every variant, before its own
+    variants:
+      kava: []
+      pccot: [method=pccot]
+
+Without ``task`` the base config's own data is trained on and ``valid:`` / ``test:`` name the held-out files.
+
+Layout of ``--output DIR``: ``seed{S}/`` holds the task (``data/``, ``base_model/``), the shared warm start
+(``warm_*``) and one run directory per variant with its resolved ``config.yaml``, ``metrics.jsonl``, its
+checkpoints and, per split, ``result_{split}.json`` and ``predictions_{split}_{mode}.jsonl``. A run whose
+result file exists is skipped; an interrupted run resumes from its last checkpoint, so a killed sweep
+continues where it stopped. ``report.md``, ``report.json`` and ``report.png`` (per split) compare every
+variant with the reference: accuracy per seed, mean and spread, the paired bootstrap CI per seed and pooled
+over seeds, and the exact McNemar p per seed (kava.stats).
+
+Variants whose configs agree on everything the teacher-only curriculum steps use (only loss, latent,
+eviction and method in kava/pccot/codi may differ) branch off one warm start per seed and group, which
+gives the same result as training each from scratch (tests/test_sweep.py).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field, fields, replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from kava.config import ConfigError, KavaConfig
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("valid", "test")
+# Keys the teacher-only curriculum steps do not read: variants that differ only here share a warm start.
+_WARM_FREE_PREFIXES = ("loss.", "latent.", "eviction.", "eval.")
+_WARM_NOT_FREE = ("loss.teacher_weight", "latent.use_projection")
+_WARM_FREE_KEYS = ("train.curriculum_ramp_steps", "train.save_every", "train.keep_last", "train.log_every",
+                   "train.eval_every", "train.tensorboard")
+_LATENT_METHODS = ("kava", "pccot", "codi")
+
+
+@dataclass
+class SweepSpec:
+    base: str
+    variants: dict[str, list[str]]
+    seeds: list[int]
+    reference: str
+    budget: Optional[int] = None
+    task: Optional[str] = None
+    sizes: dict[str, Any] = field(default_factory=dict)
+    sets: list[str] = field(default_factory=list)
+    valid: Optional[str] = None
+    test: Optional[str] = None
+    extra_modes: list[str] = field(default_factory=list)
+    source: str = "spec"
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "spec") -> "SweepSpec":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a mapping of sweep keys, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)} - {"source"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+        for key in ("base", "variants", "seeds", "reference"):
+            if key not in d:
+                raise ConfigError(f"{source}: missing key '{key}'")
+        variants = d["variants"]
+        if not isinstance(variants, dict) or not variants:
+            raise ConfigError(f"{source}: 'variants' must map names to lists of key=value overrides")
+        for name, sets in variants.items():
+            if not isinstance(name, str) or not name or "/" in name or name.startswith(("seed", "warm_", ".")):
+                raise ConfigError(f"{source}: variant name {name!r} must be a non-empty string without '/' "
+                                  f"that does not start with 'seed', 'warm_' or '.'")
+            if sets is None:
+                variants[name] = []
+            elif not isinstance(sets, list) or not all(isinstance(x, str) for x in sets):
+                raise ConfigError(f"{source}: variants.{name}: expected a list of 'key=value' strings")
+        seeds = d["seeds"]
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) \
+                or len(set(seeds)) != len(seeds):
+            raise ConfigError(f"{source}: 'seeds' must be a non-empty list of distinct integers, got {seeds!r}")
+        if d["reference"] not in variants:
+            raise ConfigError(f"{source}: reference {d['reference']!r} is not one of the variants ({', '.join(variants)})")
+        budget = d.get("budget")
+        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
+            raise ConfigError(f"{source}: 'budget' must be a positive integer (train.max_steps), got {budget!r}")
+        spec = cls(**{k: v for k, v in d.items()}, source=source)
+        if not isinstance(spec.sets, list) or not all(isinstance(x, str) for x in spec.sets):
+            raise ConfigError(f"{source}: 'sets' must be a list of 'key=value' strings")
+        if spec.task is None and spec.valid is None:
+            raise ConfigError(f"{source}: give 'task' (the synthetic demo task) or 'valid' (a held-out file)")
+        if spec.task is not None:
+            from kava.data.synthetic import TASKS
+            from kava.demo import DemoSizes
+
+            if spec.task not in TASKS:
+                raise ConfigError(f"{source}: task {spec.task!r}: expected one of {', '.join(sorted(TASKS))}")
+            if not isinstance(spec.sizes, dict):
+                raise ConfigError(f"{source}: 'sizes' must map kava.demo.DemoSizes fields to values")
+            bad = sorted(set(spec.sizes) - {f.name for f in fields(DemoSizes)} - {"quick"})
+            if bad:
+                raise ConfigError(f"{source}: sizes: unknown field(s) {', '.join(bad)}")
+        for mode in spec.extra_modes:
+            if mode not in ("cot", "direct"):
+                raise ConfigError(f"{source}: extra_modes: expected 'cot' or 'direct', got {mode!r}")
+        return spec
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "SweepSpec":
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: sweep spec not found")
+        try:
+            d = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
+        return cls.from_dict(d, source=str(p))
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
+
+    def demo_sizes(self):
+        from kava.demo import QUICK, DemoSizes
+
+        sizes = dict(self.sizes)
+        base = QUICK if sizes.pop("quick", False) else DemoSizes()
+        return replace(base, task=self.task, **sizes)
+
+
+# ---- planning ----------------------------------------------------------------------------------------
+
+def base_config(spec: SweepSpec) -> KavaConfig:
+    from kava.train import preset_path
+
+    p = Path(spec.base)
+    path = p if p.suffix in (".yaml", ".yml") or p.is_file() else preset_path(spec.base)
+    cfg = KavaConfig.from_yaml(path)
+    if spec.budget is not None:
+        cfg = cfg.override([f"train.max_steps={spec.budget}"])
+    return cfg
+
+
+def variant_config(spec: SweepSpec, name: str, seed: int, task_files=None) -> KavaConfig:
+    sets = [f"train.seed={seed}"]
+    if task_files is not None:
+        sets += [f"model.name_or_path={task_files.model_dir}", f"data.train_path={task_files.train}"]
+    try:
+        return base_config(spec).override([*sets, *spec.sets, *spec.variants[name]]).resolved()
+    except ConfigError as e:
+        raise ConfigError(f"{spec.source}: variant {name!r}: {e}") from None
+
+
+def warm_key(cfg: KavaConfig) -> Optional[str]:
+    """What the teacher-only curriculum steps depend on (None: nothing to share)."""
+    from kava.config import iter_fields, config_value
+
+    if cfg.train.curriculum_cot_steps <= 0 or cfg.method not in _LATENT_METHODS:
+        return None
+    kept = {}
+    for key, *_ in iter_fields():
+        free = (key.startswith(_WARM_FREE_PREFIXES) and key not in _WARM_NOT_FREE) or key in _WARM_FREE_KEYS
+        if not free and key != "method":
+            kept[key] = config_value(cfg, key)
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+@dataclass
+class Job:
+    kind: str                  # "warm" or "run"
+    seed: int
+    name: str                  # variant name, or the warm start's directory name
+    run_dir: Path
+    config: dict
+    warm: Optional[str] = None  # run jobs: the warm start they branch off (its name)
+
+
+def plan(spec: SweepSpec, out: Path) -> list[Job]:
+    """Every job of the sweep (warm starts first); prepares each seed's task on the way."""
+    jobs: list[Job] = []
+    for seed in spec.seeds:
+        seed_dir = out / f"seed{seed}"
+        files = None
+        if spec.task is not None:
+            from kava.demo import prepare_task
+
+            files = prepare_task(seed_dir, seed, spec.demo_sizes())
+        cfgs = {name: variant_config(spec, name, seed, files) for name in spec.variants}
+        groups: dict[str, list[str]] = {}
+        for name, cfg in cfgs.items():
+            key = warm_key(cfg)
+            if key is not None:
+                groups.setdefault(key, []).append(name)
+        warm_of: dict[str, str] = {}
+        for key, names in groups.items():
+            if len(names) < 2:
+                continue
+            warm = "warm_" + hashlib.sha256(key.encode()).hexdigest()[:10]
+            jobs.append(Job("warm", seed, warm, seed_dir / warm, cfgs[names[0]].to_dict()))
+            warm_of.update({n: warm for n in names})
+        for name, cfg in cfgs.items():
+            jobs.append(Job("run", seed, name, seed_dir / name, cfg.to_dict(), warm=warm_of.get(name)))
+    return jobs
+
+
+def held_out_path(spec: SweepSpec, seed_dir: Path, split: str) -> Path:
+    if spec.task is not None:
+        return seed_dir / "data" / f"{split}.jsonl"
+    path = getattr(spec, split)
+    if path is None:
+        raise ConfigError(f"{spec.source}: no '{split}' file given")
+    return Path(path)
+
+
+# ---- running (in worker processes) ------------------------------------------------------------------
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+
+
+def warm_done(job: Job) -> Optional[Path]:
+    from kava.checkpoint import latest_checkpoint, step_dir_name
+
+    cfg = KavaConfig.from_dict(job.config)
+    done = job.run_dir / "checkpoints" / step_dir_name(cfg.train.curriculum_cot_steps)
+    return done if latest_checkpoint(job.run_dir) == done else None
+
+
+def run_warm(job: Job) -> str:
+    """The teacher-only curriculum steps of a group, trained once (an interrupted one starts again)."""
+    from kava.checkpoint import latest_checkpoint
+    from kava.train import run_training
+
+    if warm_done(job) is not None:
+        return job.name
+    if latest_checkpoint(job.run_dir) is not None or job.run_dir.exists():
+        shutil.rmtree(job.run_dir)
+    cfg = KavaConfig.from_dict(job.config)
+    run_training(cfg, job.run_dir, stop_after_steps=cfg.train.curriculum_cot_steps)
+    return job.name
+
+
+def train_run(job: Job, warm_checkpoint: Optional[Path]) -> Path:
+    """Train one variant to its last step (resume if interrupted) and mark it DONE."""
+    from kava.checkpoint import latest_checkpoint, step_dir_name
+    from kava.train import run_training
+
+    cfg = KavaConfig.from_dict(job.config)
+    marker = job.run_dir / "DONE"
+    if marker.exists():
+        return Path(marker.read_text().strip())
+    if latest_checkpoint(job.run_dir) is not None:
+        final = run_training(cfg, job.run_dir, resume=job.run_dir)
+    else:
+        final = run_training(cfg, job.run_dir, init_from=warm_checkpoint)
+    if final.name != step_dir_name(cfg.train.max_steps):
+        raise RuntimeError(f"{job.run_dir}: training stopped early at {final}; run the sweep again to resume it")
+    marker.write_text(str(final))
+    return final
+
+
+def evaluate_run(job: Job, final: Path, split: str, held_out: Path, extra_modes: list[str]) -> dict:
+    """Score a finished run on one held-out split; writes result_{split}.json and the predictions."""
+    from kava.data.formats import load_examples
+    from kava.evaluate import evaluate, load_checkpoint, resolve_mode
+
+    cfg = KavaConfig.from_dict(job.config)
+    model = load_checkpoint(final)
+    examples = load_examples(str(held_out)).examples
+    primary = resolve_mode(cfg.method, "latent")
+    result: dict[str, Any] = {"variant": job.name, "seed": job.seed, "split": split, "held_out": str(held_out),
+                              "checkpoint": str(final), "primary_mode": primary, "modes": {}}
+    for mode in [primary, *[m for m in extra_modes if m != primary]]:
+        rep, preds = evaluate(model, examples, mode=mode, batch_size=cfg.eval.batch_size, progress=False)
+        result["modes"][mode] = rep.as_dict()
+        with (job.run_dir / f"predictions_{split}_{mode}.jsonl").open("w") as fh:
+            for p in preds:
+                fh.write(json.dumps(p.as_dict()) + "\n")
+    tmp = job.run_dir / f"result_{split}.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(job.run_dir / f"result_{split}.json")  # atomic: a result file is always whole
+    return result
+
+
+def run_job(job: Job, warm_checkpoint: Optional[Path], split: str, held_out: Path, extra_modes: list[str]) -> str:
+    t0 = time.perf_counter()
+    final = train_run(job, warm_checkpoint)
+    train_s = time.perf_counter() - t0
+    res = evaluate_run(job, final, split, held_out, extra_modes)
+    timing = job.run_dir / "sweep_timing.json"
+    times = json.loads(timing.read_text()) if timing.exists() else {}
+    times.setdefault("train_s_last_call", train_s)
+    timing.write_text(json.dumps(times))
+    return f"{job.seed}/{job.name}: {res['primary_mode']} {100 * res['modes'][res['primary_mode']]['accuracy']:.1f}%"
+
+
+def run_sweep(spec: SweepSpec, out: Path, workers: int = 1, threads: int = 1, split: str = "valid",
+              train: bool = True) -> dict:
+    """Run (or continue) every job, then write the report for ``split``; returns the report dict.
+
+    ``train=False`` only scores and reports runs that are already trained (e.g. the test split, once).
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "spec.yaml"
+    if saved.exists():
+        before = yaml.safe_load(saved.read_text())
+        if before != json.loads(json.dumps(spec.to_dict())):
+            raise ConfigError(f"{saved}: this sweep directory holds another spec; use another --output or delete {out}")
+    else:
+        saved.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    jobs = plan(spec, out)
+    warm_jobs = {(j.seed, j.name): j for j in jobs if j.kind == "warm"}
+    todo = [j for j in jobs if j.kind == "run" and not (j.run_dir / f"result_{split}.json").exists()]
+    if not train:
+        missing = [f"seed{j.seed}/{j.name}" for j in todo if not (j.run_dir / "DONE").exists()]
+        if missing:
+            raise ConfigError(f"{out}: not trained yet: {', '.join(missing)}; run the sweep without --no-train first")
+    log.info("sweep %s: %d runs, %d to do, %d workers", out, sum(j.kind == 'run' for j in jobs), len(todo), workers)
+
+    def held(j: Job) -> Path:
+        return held_out_path(spec, out / f"seed{j.seed}", split)
+
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        pending: dict[Future, tuple[str, Any]] = {}
+        waiting: list[Job] = []
+        ready_warm: dict[tuple[int, str], Path] = {}
+        needed = {(j.seed, j.warm) for j in todo if j.warm is not None and not (j.run_dir / "DONE").exists()}
+        for key in sorted(needed):
+            wj = warm_jobs[key]
+            done = warm_done(wj)
+            if done is not None:
+                ready_warm[key] = done
+            else:
+                pending[pool.submit(run_warm, wj)] = ("warm", wj)
+        for j in todo:
+            key = (j.seed, j.warm)
+            if j.warm is None or (j.run_dir / "DONE").exists() or key in ready_warm:
+                pending[pool.submit(run_job, j, ready_warm.get(key), split, held(j), spec.extra_modes)] = ("run", j)
+            else:
+                waiting.append(j)
+        failures = []
+        while pending:
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for fut in done:
+                kind, j = pending.pop(fut)
+                err = fut.exception()
+                if err is not None:
+                    failures.append(f"seed{j.seed}/{j.name}: {type(err).__name__}: {err}")
+                    log.error("sweep: %s failed: %s", j.name, err)
+                    if kind == "warm":
+                        waiting = [w for w in waiting if (w.seed, w.warm) != (j.seed, j.name)]
+                    continue
+                if kind == "warm":
+                    ready_warm[(j.seed, j.name)] = warm_done(j)
+                    for w in [w for w in waiting if (w.seed, w.warm) == (j.seed, j.name)]:
+                        waiting.remove(w)
+                        pending[pool.submit(run_job, w, ready_warm[(j.seed, j.name)], split, held(w),
+                                            spec.extra_modes)] = ("run", w)
+                else:
+                    log.info("sweep: %s", fut.result())
+        if failures:
+            raise RuntimeError("sweep: failed runs (finished ones are kept; run the sweep again to retry):\n  "
+                               + "\n  ".join(failures))
+    return write_report(spec, out, split, [j for j in jobs if j.kind == "run"])
+
+
+# ---- the report -------------------------------------------------------------------------------------
+
+def _outcomes(run_dir: Path, split: str, mode: str) -> list[bool]:
+    rows = [json.loads(x) for x in (run_dir / f"predictions_{split}_{mode}.jsonl").read_text().splitlines() if x.strip()]
+    rows.sort(key=lambda r: r["index"])
+    return [bool(r["correct"]) for r in rows]
+
+
+def compare(spec: SweepSpec, results: dict[tuple[str, int], dict], outcomes: dict[tuple[str, int], list[bool]]) -> dict:
+    """Per variant: accuracy per seed, mean and spread, and the paired comparison with the reference."""
+    import numpy as np
+
+    from kava.stats import mcnemar_exact, paired_bootstrap_ci
+
+    report: dict[str, Any] = {"reference": spec.reference, "seeds": spec.seeds, "variants": {}}
+    for name in spec.variants:
+        per_seed = {}
+        for seed in spec.seeds:
+            r = results[(name, seed)]
+            rep = r["modes"][r["primary_mode"]]
+            row = {"accuracy": rep["accuracy"], "ci95": rep["ci95"], "n": rep["n"],
+                   "forward_passes_mean": rep["forward_passes_mean"], "mode": r["primary_mode"],
+                   "other_modes": {m: v["accuracy"] for m, v in r["modes"].items() if m != r["primary_mode"]}}
+            if name != spec.reference:
+                a, b = outcomes[(name, seed)], outcomes[(spec.reference, seed)]
+                d, lo, hi = paired_bootstrap_ci([(a, b)], seed=seed)
+                row.update(diff=d, diff_ci95=[lo, hi], mcnemar_p=mcnemar_exact(a, b))
+            per_seed[seed] = row
+        accs = [per_seed[s]["accuracy"] for s in spec.seeds]
+        entry: dict[str, Any] = {"sets": spec.variants[name], "per_seed": per_seed, "mean": float(np.mean(accs)),
+                                 "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
+                                 "forward_passes_mean": float(np.mean([per_seed[s]["forward_passes_mean"] for s in spec.seeds]))}
+        if name != spec.reference:
+            d, lo, hi = paired_bootstrap_ci([(outcomes[(name, s)], outcomes[(spec.reference, s)]) for s in spec.seeds])
+            entry.update(pooled_diff=d, pooled_diff_ci95=[lo, hi])
+        report["variants"][name] = entry
+    return report
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def format_report(spec: SweepSpec, report: dict, split: str) -> str:
+    ref = spec.reference
+    lines = [f"# Sweep report ({split} split)", "",
+             f"Base `{spec.base}`" + (f", task `{spec.task}`" if spec.task else "")
+             + (f", budget {spec.budget} steps" if spec.budget else "") + f"; seeds {', '.join(map(str, spec.seeds))}; "
+             f"reference `{ref}`. Accuracy % (primary mode of each method); paired differences against `{ref}` on "
+             "the same questions: 95% paired bootstrap CI over questions, exact McNemar p.", "",
+             "| variant | " + " | ".join(f"seed {s}" for s in spec.seeds) + " | mean ± sd | fwd/q | "
+             + " | ".join(f"Δ seed {s} [CI] p" for s in spec.seeds) + " | Δ pooled [95% CI] |",
+             "|---" * (3 + 2 * len(spec.seeds)) + "|---|"]
+    for name, v in report["variants"].items():
+        accs = " | ".join(_pct(v["per_seed"][s]["accuracy"]) for s in spec.seeds)
+        if name == ref:
+            deltas = " | ".join("" for _ in spec.seeds) + " | (reference)"
+        else:
+            deltas = " | ".join(
+                f"{100 * r['diff']:+.1f} [{100 * r['diff_ci95'][0]:+.1f}, {100 * r['diff_ci95'][1]:+.1f}] p={r['mcnemar_p']:.2g}"
+                for r in (v["per_seed"][s] for s in spec.seeds))
+            lo, hi = v["pooled_diff_ci95"]
+            deltas += f" | **{100 * v['pooled_diff']:+.1f}** [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        lines.append(f"| {name} | {accs} | {_pct(v['mean'])} ± {_pct(v['std'])} | {v['forward_passes_mean']:.1f} | {deltas} |")
+    other = [(name, s, m, a) for name, v in report["variants"].items() for s in spec.seeds
+             for m, a in v["per_seed"][s]["other_modes"].items()]
+    if other:
+        lines += ["", "Other modes: " + "; ".join(f"{n} seed {s} {m} {_pct(a)}" for n, s, m, a in other) + "."]
+    lines += ["", "Overrides per variant: " + "; ".join(f"`{n}`: {' '.join(v['sets']) or '(none)'}"
+                                                       for n, v in report["variants"].items()) + "."]
+    lines += ["", f"![accuracy per variant](report_{split}.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(spec: SweepSpec, report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["variants"])
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names)), 3.6))
+    for i, name in enumerate(names):
+        v = report["variants"][name]
+        accs = [100 * v["per_seed"][s]["accuracy"] for s in spec.seeds]
+        ax.bar(i, 100 * v["mean"], color="C0" if name != spec.reference else "C1", alpha=0.6)
+        ax.scatter([i] * len(accs), accs, color="k", s=12, zorder=3)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy % (bars: mean, dots: seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(spec: SweepSpec, out: Path, split: str, runs: list[Job]) -> dict:
+    results, outcomes = {}, {}
+    for j in runs:
+        r = json.loads((j.run_dir / f"result_{split}.json").read_text())
+        results[(j.name, j.seed)] = r
+        outcomes[(j.name, j.seed)] = _outcomes(j.run_dir, split, r["primary_mode"])
+    report = compare(spec, results, outcomes)
+    report["split"] = split
+    (out / f"report_{split}.json").write_text(json.dumps(report, indent=1))
+    text = format_report(spec, report, split)
+    (out / f"report_{split}.md").write_text(text)
+    plot_report(spec, report, out / f"report_{split}.png")
+    print(text)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kava sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", help="sweep spec (YAML), or the name of one in kava's sweeps/ folder")
+    p.add_argument("--output", required=True, help="sweep directory (resumable: run the same command again)")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (0 = torch default)")
+    p.add_argument("--split", default="valid", choices=SPLITS,
+                   help="held-out split to score and report (make choices on valid; score test once, at the end)")
+    p.add_argument("--no-train", action="store_true", help="only score runs that are already trained")
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error(f"--workers: must be >= 1, got {args.workers}")
+    spec = SweepSpec.from_yaml(resolve_spec(args.spec))
+    run_sweep(spec, Path(args.output), workers=args.workers, threads=args.threads, split=args.split,
+              train=not args.no_train)
+    return 0
+
+
+def resolve_spec(name: str) -> Path:
+    """A spec file, or the name of one in configs/sweeps/ (beside the presets)."""
+    from kava.train import PRESETS_DIR
+
+    p = Path(name)
+    if p.is_file():
+        return p
+    sweeps = PRESETS_DIR / "sweeps"
+    packaged = sweeps / f"{name[:-5] if name.endswith('.yaml') else name}.yaml"
+    if packaged.is_file():
+        return packaged
+    known = sorted(x.stem for x in sweeps.glob("*.yaml"))
+    raise ConfigError(f"{name}: no such sweep spec file, nor a name in {sweeps} (available: {', '.join(known) or 'none'})")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
