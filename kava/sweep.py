@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, fields, replace
@@ -55,6 +56,10 @@ _WARM_NOT_FREE = ("loss.teacher_weight", "latent.use_projection")
 _WARM_FREE_KEYS = ("train.curriculum_ramp_steps", "train.save_every", "train.keep_last", "train.log_every",
                    "train.eval_every", "train.tensorboard")
 _LATENT_METHODS = ("kava", "pccot", "codi")
+
+
+class SweepError(RuntimeError):
+    """Some runs of a sweep failed (the others are kept)."""
 
 
 @dataclass
@@ -305,14 +310,16 @@ def evaluate_run(job: Job, final: Path, split: str, held_out: Path, extra_modes:
 
 
 def run_job(job: Job, warm_checkpoint: Optional[Path], split: str, held_out: Path, extra_modes: list[str]) -> str:
+    already = (job.run_dir / "DONE").exists()
     t0 = time.perf_counter()
     final = train_run(job, warm_checkpoint)
     train_s = time.perf_counter() - t0
     res = evaluate_run(job, final, split, held_out, extra_modes)
-    timing = job.run_dir / "sweep_timing.json"
-    times = json.loads(timing.read_text()) if timing.exists() else {}
-    times.setdefault("train_s_last_call", train_s)
-    timing.write_text(json.dumps(times))
+    res["already_trained"] = already
+    timing = job.run_dir / "sweep_timing.json"  # wall seconds of each call that trained (a resumed run has several)
+    calls = json.loads(timing.read_text())["train_calls_s"] if timing.exists() else []
+    if not res.get("already_trained"):
+        timing.write_text(json.dumps({"train_calls_s": [*calls, train_s]}))
     return f"{job.seed}/{job.name}: {res['primary_mode']} {100 * res['modes'][res['primary_mode']]['accuracy']:.1f}%"
 
 
@@ -324,6 +331,9 @@ def run_sweep(spec: SweepSpec, out: Path, workers: int = 1, threads: int = 1, sp
     """
     if split not in SPLITS:
         raise ConfigError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+    for seed in spec.seeds:  # a bad override fails here, before the directory is claimed by this spec
+        for name in spec.variants:
+            variant_config(spec, name, seed)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "spec.yaml"
     if saved.exists():
@@ -385,7 +395,7 @@ def run_sweep(spec: SweepSpec, out: Path, workers: int = 1, threads: int = 1, sp
                 else:
                     log.info("sweep: %s", fut.result())
         if failures:
-            raise RuntimeError("sweep: failed runs (finished ones are kept; run the sweep again to retry):\n  "
+            raise SweepError("sweep: failed runs (finished ones are kept; run the sweep again to retry):\n  "
                                + "\n  ".join(failures))
     return write_report(spec, out, split, [j for j in jobs if j.kind == "run"])
 
@@ -513,8 +523,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         p.error(f"--workers: must be >= 1, got {args.workers}")
     spec = SweepSpec.from_yaml(resolve_spec(args.spec))
-    run_sweep(spec, Path(args.output), workers=args.workers, threads=args.threads, split=args.split,
-              train=not args.no_train)
+    try:
+        run_sweep(spec, Path(args.output), workers=args.workers, threads=args.threads, split=args.split,
+                  train=not args.no_train)
+    except SweepError as e:
+        print(f"kava sweep: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
