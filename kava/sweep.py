@@ -474,14 +474,39 @@ def format_report(spec: SweepSpec, report: dict, split: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def curve_groups(report: dict) -> dict[str, list[tuple[int, str]]]:
+    """Variants that differ only in train.max_steps, as learning curves: label -> [(steps, variant)], sorted."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for name, v in report["variants"].items():
+        label = " ".join(s for s in v["sets"] if not s.startswith("train.max_steps=")) or "(base)"
+        groups.setdefault(label, []).append((v["max_steps"], name))
+    return {k: sorted(g) for k, g in groups.items()}
+
+
 def plot_report(spec: SweepSpec, report: dict, path: Path) -> None:
+    """Bars: mean accuracy per variant with each seed as a dot; beside them, when variants differ in
+    train.max_steps, accuracy against optimizer steps per group of otherwise equal variants."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(report["variants"])
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names)), 3.6))
+    curves = curve_groups(report) if len({v["max_steps"] for v in report["variants"].values()}) > 1 else {}
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(max(5, 1.2 * len(names)) + (5 if curves else 0), 3.6),
+                             squeeze=False)
+    ax = axes[0][0]
+    if curves:
+        cax = axes[0][1]
+        for label, pts in curves.items():
+            xs = [st for st, _ in pts]
+            cax.plot(xs, [100 * report["variants"][n]["mean"] for _, n in pts], marker="o", label=label)
+            for st, n in pts:
+                seeds = report["variants"][n]["per_seed"].values()
+                cax.scatter([st] * len(seeds), [100 * r["accuracy"] for r in seeds], color="k", s=8, zorder=3)
+        cax.set_xlabel("optimizer steps (finished schedules)")
+        cax.set_ylabel("accuracy %")
+        cax.legend(fontsize=7)
     for i, name in enumerate(names):
         v = report["variants"][name]
         accs = [100 * v["per_seed"][s]["accuracy"] for s in spec.seeds]
@@ -502,6 +527,8 @@ def write_report(spec: SweepSpec, out: Path, split: str, runs: list[Job]) -> dic
         outcomes[(j.name, j.seed)] = _outcomes(j.run_dir, split, r["primary_mode"])
     report = compare(spec, results, outcomes)
     report["split"] = split
+    for j in runs:
+        report["variants"][j.name]["max_steps"] = j.config["train"]["max_steps"]
     (out / f"report_{split}.json").write_text(json.dumps(report, indent=1))
     text = format_report(spec, report, split)
     (out / f"report_{split}.md").write_text(text)

@@ -405,3 +405,15 @@ def test_plan_branches_only_groups_of_two_or_more_off_a_warm_start(tmp_path):
     assert warm.config == jobs[1].config  # the warm start trains the first variant's config
     assert all(j.config["train"]["seed"] == 3 and j.seed == 3 for j in jobs)
     assert (tmp_path / "seed3" / "data" / "valid.jsonl").exists()
+
+
+def test_curve_groups_pair_variants_that_differ_only_in_steps():
+    from kava.sweep import curve_groups
+
+    report = {"variants": {
+        "a": {"sets": [], "max_steps": 10},
+        "b": {"sets": ["train.max_steps=20"], "max_steps": 20},
+        "c": {"sets": ["method=nocot", "train.max_steps=30"], "max_steps": 30},
+        "d": {"sets": ["method=nocot"], "max_steps": 10},
+    }}
+    assert curve_groups(report) == {"(base)": [(10, "a"), (20, "b")], "method=nocot": [(10, "d"), (30, "c")]}
