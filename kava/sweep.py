@@ -468,6 +468,16 @@ def format_report(spec: SweepSpec, report: dict, split: str) -> str:
              for m, a in v["per_seed"][s]["other_modes"].items()]
     if other:
         lines += ["", "Other modes: " + "; ".join(f"{n} seed {s} {m} {_pct(a)}" for n, s, m, a in other) + "."]
+    lines += ["", "Last logged training metrics, mean over seeds (the KV loss is logged for every latent method, "
+              "trained or not):", "", "| variant | " + " | ".join(TRAIN_METRICS) + " |",
+              "|---" * (1 + len(TRAIN_METRICS)) + "|"]
+    for name, v in report["variants"].items():
+        rows = [v["per_seed"][s].get("final_train_metrics", {}) for s in spec.seeds]
+        cells = []
+        for k in TRAIN_METRICS:
+            xs = [r[k] for r in rows if k in r]
+            cells.append(f"{sum(xs) / len(xs):.4g}" if len(xs) == len(rows) else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Overrides per variant: " + "; ".join(f"`{n}`: {' '.join(v['sets']) or '(none)'}"
                                                        for n, v in report["variants"].items()) + "."]
     lines += ["", f"![accuracy per variant](report_{split}.png)"]
@@ -483,9 +493,14 @@ def curve_groups(report: dict) -> dict[str, list[tuple[int, str]]]:
     return {k: sorted(g) for k, g in groups.items()}
 
 
-def plot_report(spec: SweepSpec, report: dict, path: Path) -> None:
+def plot_report(spec: SweepSpec, report: dict, path: Path) -> bool:
     """Bars: mean accuracy per variant with each seed as a dot; beside them, when variants differ in
-    train.max_steps, accuracy against optimizer steps per group of otherwise equal variants."""
+    train.max_steps, accuracy against optimizer steps per group of otherwise equal variants.
+    False (and a warning) without matplotlib (the ``kava[plots]`` extra)."""
+    from kava.optional import have_matplotlib
+
+    if not have_matplotlib(path.name):
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
@@ -517,6 +532,21 @@ def plot_report(spec: SweepSpec, report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
+
+
+TRAIN_METRICS = ("ce_student", "ce_teacher", "codi", "kv")
+
+
+def final_train_metrics(run_dir: Path) -> dict[str, float]:
+    """The last logged training metrics of a run (TRAIN_METRICS; ``kv`` is logged even where it is not trained)."""
+    last: dict = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if "loss" in row:
+                last = row
+    return {k: last[k] for k in TRAIN_METRICS if k in last} | ({"step": last["step"]} if "step" in last else {})
 
 
 def write_report(spec: SweepSpec, out: Path, split: str, runs: list[Job]) -> dict:
@@ -528,11 +558,14 @@ def write_report(spec: SweepSpec, out: Path, split: str, runs: list[Job]) -> dic
     report = compare(spec, results, outcomes)
     report["split"] = split
     for j in runs:
-        report["variants"][j.name]["max_steps"] = j.config["train"]["max_steps"]
+        v = report["variants"][j.name]
+        v["max_steps"] = j.config["train"]["max_steps"]
+        v["per_seed"][j.seed]["final_train_metrics"] = final_train_metrics(j.run_dir)
     (out / f"report_{split}.json").write_text(json.dumps(report, indent=1))
     text = format_report(spec, report, split)
     (out / f"report_{split}.md").write_text(text)
-    plot_report(spec, report, out / f"report_{split}.png")
+    if not plot_report(spec, report, out / f"report_{split}.png"):
+        (out / f"report_{split}.md").write_text(text.replace(f"\n\n![accuracy per variant](report_{split}.png)", ""))
     print(text)
     return report
 
@@ -560,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def resolve_spec(name: str) -> Path:
-    """A spec file, or the name of one in configs/sweeps/ (beside the presets)."""
+    """A spec file, or the name of one shipped in kava/presets/sweeps/ (beside the presets)."""
     from kava.train import PRESETS_DIR
 
     p = Path(name)

@@ -171,7 +171,13 @@ def test_sweep_trains_every_variant_and_seed_and_reports(swept):
             assert result["modes"]["latent"]["n"] == len(preds) == 8
             assert result["modes"]["latent"]["accuracy"] == sum(p["correct"] for p in preds) / len(preds)
     assert questions[0] != questions[1]  # each seed draws its own task
-    check_report_against_files(out, "valid")
+    report = check_report_against_files(out, "valid")
+    # The last logged training metrics of each run, as in its metrics.jsonl (kv is logged for pccot too).
+    for seed in SEEDS:
+        for name in VARIANTS:
+            last = read_jsonl(out / f"seed{seed}" / name / "metrics.jsonl")[-1]
+            got = report["variants"][name]["per_seed"][str(seed)]["final_train_metrics"]
+            assert got == {k: last[k] for k in ("ce_student", "ce_teacher", "codi", "kv", "step")}
     assert not (out / "report_test.json").exists()
 
 
