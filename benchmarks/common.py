@@ -51,7 +51,7 @@ if str(REPO) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
     sys.path.insert(0, str(REPO))
 
 from kava.config import KavaConfig  # noqa: E402
-from kava.data.collate import Segments, collate_student, collate_teacher  # noqa: E402
+from kava.data.collate import Segments, collate_segments  # noqa: E402
 from kava.model import KavaModel  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -220,10 +220,8 @@ def synthetic_segments(model: KavaModel, teacher_len: int, batch: int, seed: int
 
 
 def make_batches(model: KavaModel, segs: list[Segments], device):
-    cfg = model.cfg
-    tb = collate_teacher(segs, model.encoder.pad, cfg.eviction.importance_queries).to(device)
-    sb = collate_student(segs, model.encoder.pad, cfg.loss.student_ce_on_prompt).to(device)
-    return tb, sb
+    tb, sb = collate_segments(segs, model.encoder.pad, model.cfg)  # collated as training does
+    return tb.to(device), sb.to(device)
 
 
 def flop_floor(teacher_tokens: int, student_tokens: int) -> float:

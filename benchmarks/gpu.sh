@@ -18,8 +18,9 @@
 #   bash benchmarks/gpu.sh                 # on the GPU machine (results in $OUT or runs/bench)
 #   bash benchmarks/gpu.sh --quick         # CPU smoke test: tiny shape, seconds, MFU not reported
 # Python: $PYTHON, else ./.venv/bin/python, else python3. With --make-venv and no usable python,
-# a venv with system site-packages is created in .venv-gpu and requirements.txt installed (needs
-# network access, which the lent machine does not have: bring torch/transformers/peft with it).
+# a venv with system site-packages is created in .venv-gpu and kava installed into it with its dependency
+# ranges, which keep the machine's CUDA torch (needs network access, which the lent machine does not have:
+# bring transformers/peft with it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,7 +43,7 @@ fi
 if ! "$PY" -c "import torch, transformers, peft, safetensors, yaml, tokenizers" 2>/dev/null; then
   if [[ "$MAKE_VENV" == 1 ]]; then
     python3 -m venv --system-site-packages .venv-gpu
-    .venv-gpu/bin/pip install -q -r requirements.txt
+    .venv-gpu/bin/pip install -q -e .
     PY=.venv-gpu/bin/python
   else
     echo "gpu.sh: $PY lacks torch/transformers/peft; set PYTHON=... or pass --make-venv" >&2

@@ -3,8 +3,8 @@
 Part 1 -- latent vs CoT. Same model, same questions (the test split of
 ``kava.data.synthetic.make_splits``), batch 1 and 16:
 
-- ``cot``: ``model.generate(questions, mode="cot", max_new_tokens=n)`` decodes ``C <eot> P A <eos>``.
-- ``latent``: ``model.generate(questions, mode="latent", max_new_tokens=a)``: pass 0 + T Jacobi passes,
+- ``cot``: ``model.generate_batch(questions, mode="cot", max_new_tokens=n)`` decodes ``C <eot> P A <eos>``.
+- ``latent``: ``model.generate_batch(questions, mode="latent", max_new_tokens=a)``: pass 0 + T Jacobi passes,
   the ``<eot> P`` pass, then ``A <eos>``.
 
 A random-weight model does not stop where a trained one would, so the decode length is forced to
@@ -18,8 +18,8 @@ Workloads: ``equations`` (GSM8k-AUG-style CoT), ``nl`` (natural-language CoT, th
 gives ~45 tokens) and ``nl90`` (the NL questions with the CoT length set to ``--nl-cot-len``, 90 by
 default, the length scale of GSM8k-AUG-NL CoTs under a LLaMA tokenizer).
 
-Per question (batch 1, from the ``Generation`` records): forward passes, generated tokens, KV-cache
-bytes (Generation.kv_bytes). Time: median over interleaved rounds of t(cot)/t(latent) (on CPU
+Per question (batch 1, from the ``GenerationBatch`` records): forward passes, generated tokens, KV-cache
+bytes (GenerationBatch.kv_bytes). Time: median over interleaved rounds of t(cot)/t(latent) (on CPU
 process CPU time, wall-clock ratio recorded too; see common.interleaved).
 At batch 1 each timed call runs ``--b1-questions`` questions one after another.
 
@@ -78,12 +78,12 @@ def cot_budget(c: dict) -> int:
 
 
 def gen_fn(model, chunks: list[tuple[list[str], int]], mode: str, records: list | None = None, fix: bool = False):
-    """Run generate over each (questions, budget) chunk in turn; keep the Generation records if asked.
+    """Run generate over each (questions, budget) chunk in turn; keep the GenerationBatch records if asked.
     fix: with the trainable-token rows merged once (common.merged_token_rows, a candidate fix)."""
     def run():
         with ignore_eos(model), (common.merged_token_rows(model) if fix else contextlib.nullcontext()):
             for qs, budget in chunks:
-                g = model.generate(qs, mode=mode, max_new_tokens=budget)
+                g = model.generate_batch(qs, mode=mode, max_new_tokens=budget)
                 if records is not None:
                     records.append(g)
     return run

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The decisive sweep (configs/sweeps/decisive.yaml: 6 variants x 3 seeds, 2,000 KaVa steps) on a lent machine
+# The decisive sweep (kava/presets/sweeps/decisive.yaml: 6 variants x 3 seeds, 2,000 KaVa steps) on a lent machine
 # with one GPU and 16 cores, inside one 10-minute command. 14 single-thread workers share the GPU (the demo
 # model is tiny, so one process leaves the GPU mostly idle). The sweep is resumable: if the time box ends first,
 # the finished runs are kept under OUT and the same command continues them on the next machine.
@@ -21,7 +21,7 @@ while [[ $# -gt 0 ]]; do
   esac
   shift
 done
-SPEC="${SPEC:-configs/sweeps/decisive.yaml}"
+SPEC="${SPEC:-kava/presets/sweeps/decisive.yaml}"
 PY="${PYTHON:-}"
 if [[ -z "$PY" ]]; then
   if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi

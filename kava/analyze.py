@@ -1,8 +1,8 @@
 """Inspection of a trained latent model: what the latents decode to, and how close the
 student's latent KV is to the compressed teacher KV it was distilled from.
 
-- :func:`decode_latents`: each latent vector through the LM head, top-k vocabulary tokens
-  (the paper "decodes each latent through the LM head").
+- :func:`decode_latents`: each latent vector through the backbone's final norm and the LM head, top-k
+  vocabulary tokens (the paper "decodes each latent through the LM head").
 - :func:`kv_similarity`: per layer, the [M, M] cosine similarity between the student's
   latent KV (final iteration) and the compressed teacher CoT KV, averaged over examples.
 - :func:`run_analyze`: both, for a checkpoint and a data set; writes heatmaps,
@@ -32,15 +32,15 @@ __all__ = ["decode_latents", "kv_features", "pairwise_kv_cosine", "kv_similarity
 # ----------------------------------------------------------------------------
 @torch.no_grad()
 def decode_latents(model, latents: torch.Tensor, k: int = 5) -> list[list[list[str]]]:
-    """Top-``k`` vocabulary tokens of every latent: ``lm_head(latent)`` (no final norm).
+    """Top-``k`` vocabulary tokens of every latent: ``lm_head(final_norm(latent))``, as the backbone decodes
+    its own last hidden state (``model.vocab_logits``).
 
-    latents: ``[B, M, D]`` -> ``[B][M][k]`` decoded token strings (best first).
+    latents: ``[B, M, D]`` (``LatentTrace.latents``: the latents the answer attended to) -> ``[B][M][k]``
+    decoded token strings (best first).
     """
     if latents.dim() != 3:
         raise ValueError(f"latents: expected shape [B, M, D], got {tuple(latents.shape)}")
-    head = model.lm_head
-    w = next(head.parameters())
-    logits = head(latents.to(device=w.device, dtype=w.dtype)).float()
+    logits = model.vocab_logits(latents).float()
     vocab = len(model.tokenizer)
     logits = logits[..., :vocab]
     k = max(1, min(k, logits.shape[-1]))
@@ -106,7 +106,7 @@ def kv_similarity(model, examples: Sequence[Example], batch_size: int | None = N
     columns: kept teacher entries). Teacher slots that no example fills (CoT shorter than M)
     are NaN. Examples get Drop Last as in training unless ``prepared``.
     """
-    from kava.data.collate import collate_student, collate_teacher
+    from kava.data.collate import collate_segments
 
     if not examples:
         raise ValueError("kv_similarity: no examples")
@@ -118,9 +118,8 @@ def kv_similarity(model, examples: Sequence[Example], batch_size: int | None = N
     gen = torch.Generator().manual_seed(cfg.train.seed)
     total = count = None
     for s in range(0, len(exs), bs):
-        segs = [enc.segments(e) for e in exs[s:s + bs]]
-        tb = collate_teacher(segs, enc.pad, cfg.eviction.importance_queries).to(device)
-        sb = collate_student(segs, enc.pad).to(device)
+        tb, sb = collate_segments([enc.segments(e) for e in exs[s:s + bs]], enc.pad, cfg)  # as training collates
+        tb, sb = tb.to(device), sb.to(device)
         trace = model.latent_reasoning(sb.prefix_ids, sb.prefix_mask)
         t = model.teacher(tb, capture_importance=cfg.eviction.method in ("rkv", "importance"))
         comp = model.compress_teacher_kv(t, gen if device.type == "cpu" else None)
@@ -143,13 +142,13 @@ def latent_swap_ce(model, examples: Sequence[Example], batch_size: int | None = 
                    prepared: bool = False) -> dict[str, float]:
     """Student answer CE with each question's own latents, and with the latents of another question.
 
-    The latent inputs the answer pass consumed (``trace.consumed``) are shifted by one within the batch;
+    The latent inputs the answer pass consumed (``trace.latents``) are shifted by one within the batch;
     the final latent pass is re-run on each question's own prefix cache, at its own positions, so only
     the latents change. ``ce_swapped - ce_own`` near 0 means the answer does not depend on the latents:
     they carry no question-specific information. Returns the token-weighted means and ``n``.
     Examples get Drop Last as in training unless ``prepared``.
     """
-    from kava.data.collate import collate_student
+    from kava.data.collate import collate_segments
     from kava.latent import replay_final_pass
 
     exs = [e for e in (list(examples) if prepared else _prepare(model, examples)) if e.answer]
@@ -165,10 +164,11 @@ def latent_swap_ce(model, examples: Sequence[Example], batch_size: int | None = 
         chunk = exs[s:s + bs]
         if len(chunk) < 2:  # a lone last example has nobody to swap with: join it to the previous chunk
             chunk = exs[s - 1:s + 1]
-        sb = collate_student([enc.segments(e) for e in chunk], enc.pad).to(device)
+        _, sb = collate_segments([enc.segments(e) for e in chunk], enc.pad, cfg, teacher=False)  # as training
+        sb = sb.to(device)
         trace = model.latent_reasoning(sb.prefix_ids, sb.prefix_mask)
         n_tok = int((sb.suffix_labels[:, 1:] != -100).sum())
-        for name, z in (("own", trace.consumed), ("swapped", trace.consumed.roll(1, dims=0))):
+        for name, z in (("own", trace.latents), ("swapped", trace.latents.roll(1, dims=0))):
             cache = replay_final_pass(model._decoder_fn(), trace, z)
             ce, _ = model.answer_pass(sb, cache, trace.mask, trace.next_position)
             sums[name] += float(ce) * n_tok
@@ -204,6 +204,10 @@ def latent_table(rows: Sequence[dict[str, Any]], k: int = 3) -> str:
 
 
 def _heatmaps(sim: torch.Tensor, out: Path) -> list[str]:
+    from kava.optional import have_matplotlib
+
+    if not have_matplotlib("the KV cosine heatmaps"):
+        return []
     # Agg canvases on bare Figures: no pyplot, no global backend switch, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -268,7 +272,6 @@ def run_analyze(
     """
     from kava.config import ConfigError
     from kava.evaluate import check_checkpoint, load_checkpoint, load_dataset
-    from kava.answers import extract_answer
 
     if model is None:
         checkpoint = check_checkpoint(checkpoint)
@@ -290,16 +293,16 @@ def run_analyze(
     rows: list[dict[str, Any]] = []
     for s in range(0, len(prepared), bs):
         chunk = prepared[s:s + bs]
-        g = model.generate([e.question for e in chunk], mode="latent")
-        toks = decode_latents(model, g.latents, k=top_k)
-        for j, e in enumerate(chunk):
+        gens = model.generate([e.question for e in chunk], mode="latent")
+        toks = decode_latents(model, torch.stack([g.latents for g in gens]), k=top_k)
+        for j, (e, g) in enumerate(zip(chunk, gens)):
             rows.append({
                 "index": s + j,
                 "question": e.question,
                 "gold": e.answer,
-                "prediction": extract_answer(g.texts[j]),
-                "text": g.texts[j],
-                "forward_passes": g.forward_passes[j],
+                "prediction": g.answer,
+                "text": g.text,
+                "forward_passes": g.forward_passes,
                 "latent_tokens": toks[j],
             })
 
@@ -310,7 +313,8 @@ def run_analyze(
     figures = _heatmaps(sim, out)
     (out / "latents.md").write_text(
         f"# Latents of `{checkpoint}` on `{data}`\n\n"
-        f"Each latent decoded through the LM head (top-{min(3, top_k)} tokens; all {top_k} in analysis.json).\n\n"
+        f"Each latent the answer attended to, decoded through the final norm and the LM head "
+        f"(top-{min(3, top_k)} tokens; all {top_k} in analysis.json).\n\n"
         + latent_table(rows, k=min(3, top_k))
         + (f"\nAnswer CE with each question's own latents: {swap['ce_own']:.4f}; with another question's latents: "
            f"{swap['ce_swapped']:.4f} (n={swap['n']}). Equal values mean the latents carry nothing the answer uses.\n"

@@ -67,9 +67,48 @@ def convert_smollm2(cache_dir: str | Path) -> Path:
     return target
 
 
+def looks_like_local_path(name: str) -> bool:
+    """Whether a model name that does not exist on disk was meant as a local path, not a hub id.
+
+    A hub id is ``name`` or ``namespace/name``. A name is a local path when it is absolute or
+    starts with ``.`` or ``~``, holds a backslash (or the OS separator), has more than one ``/``,
+    or has one ``/`` after an existing local directory (``runs/model`` while ``runs/`` exists).
+    """
+    s = str(name)
+    if not s or s.startswith((".", "/", "~")) or os.path.isabs(s) or "\\" in s or (os.sep != "/" and os.sep in s):
+        return True
+    if s.count("/") > 1:
+        return True
+    return s.count("/") == 1 and Path(s.split("/", 1)[0]).is_dir()
+
+
+def check_model_path(name: str, key: str = "model.name_or_path") -> None:
+    """A local-looking model path that does not exist: one clear line (not the hub client's repo-id error)."""
+    if name == OFFLINE_SMOLLM2 or Path(name).expanduser().exists() or not looks_like_local_path(name):
+        return
+    from kava.config import ConfigError
+
+    hint = missing_path_hint(name)
+    raise ConfigError(f"{key}={name!r}: no such local directory (a path, not a hub id 'namespace/name')"
+                      + (f"; {hint}" if hint else ""))
+
+
+def missing_path_hint(path: str) -> str | None:
+    """The command that builds a missing demo file (``kava demo`` layout: DIR/base_model, DIR/data/*.jsonl)."""
+    p = Path(path)
+    if p.name == "base_model":
+        root = p.parent
+    elif p.parent.name == "data" and p.name in ("train.jsonl", "valid.jsonl", "test.jsonl"):
+        root = p.parent.parent
+    else:
+        return None
+    return f"it is built by 'kava demo --output {root}'"
+
+
 def resolve_model_path(cfg: ModelCfg) -> str:
     if cfg.name_or_path == OFFLINE_SMOLLM2:
         return str(convert_smollm2(cfg.cache_dir))
+    check_model_path(cfg.name_or_path)
     return cfg.name_or_path
 
 

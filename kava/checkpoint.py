@@ -13,7 +13,9 @@ Atomicity: everything is written to ``step-000123.tmp-<pid>/``, flushed to disk,
 ``COMPLETE`` marker is written last, and only then the directory is renamed with
 ``os.replace``. A reader (:func:`latest_checkpoint`) ignores any directory without a
 ``COMPLETE`` marker, or whose files do not match the checksums in it, with a warning
-that names the directory.
+that names the directory. Every model loader (``KavaModel.load``, so ``kava eval``/``generate``/
+``analyze``/``export``) calls :func:`verify_for_loading` first: a corrupt file is a :class:`CheckpointError`
+(a ``ConfigError``: one line, exit 2 in the CLI) that names it.
 
 Nothing here uses pickle: tensors go through safetensors, everything else through JSON.
 """
@@ -187,6 +189,76 @@ def verify_checkpoint(directory: str | Path) -> str | None:
     return None
 
 
+def safetensors_problem(path: str | Path) -> str | None:
+    """``None`` when a safetensors file is whole, else what is wrong with it. Reads only the header.
+
+    A whole file is ``8-byte header length | JSON header | data``, the header's data offsets
+    covering the data exactly; a truncated (or padded) file has another size.
+    """
+    p = Path(path)
+    size = p.stat().st_size
+    try:
+        with p.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"truncated: {size} bytes, not even the 8-byte header length"
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                return f"truncated: the header alone should be {n} bytes, the file has {size}"
+            header = json.loads(fh.read(n))
+        end = 0
+        for key, info in header.items():
+            if key != "__metadata__":
+                end = max(end, int(info["data_offsets"][1]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        return f"unreadable safetensors header ({type(e).__name__})"
+    if 8 + n + end != size:
+        what = "truncated" if size < 8 + n + end else "trailing bytes"
+        return f"{what}: its header describes {8 + n + end} bytes, the file has {size}"
+    return None
+
+
+def verify_for_loading(directory: str | Path) -> None:
+    """Refuse to load a checkpoint with a corrupt file: :class:`CheckpointError` naming the file.
+
+    With a ``COMPLETE`` marker (training checkpoints, ``kava export``) every listed file must
+    exist and match its sha256, as on resume. Without one (a bare :meth:`KavaModel.save`),
+    every ``*.safetensors`` file must be whole (its size must match its header).
+    """
+    d = Path(directory)
+    marker = d / MARKER
+    if marker.is_file():
+        try:
+            files = json.loads(marker.read_text())["files"]
+            items = list(files.items())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{marker}: unreadable checkpoint marker; refusing to load {d}") from None
+        for rel, digest in items:
+            p = d / rel
+            if not p.is_file():
+                raise CheckpointError(f"{p}: missing from the checkpoint (listed in {marker}); refusing to load")
+            if _sha256(p) != digest:
+                raise CheckpointError(f"{p}: corrupt checkpoint file (sha256 differs from the one recorded in "
+                                      f"{marker} when it was written); refusing to load")
+        return
+    for p in sorted(d.rglob("*.safetensors")):
+        problem = safetensors_problem(p)
+        if problem is not None:
+            raise CheckpointError(f"{p}: corrupt checkpoint file ({problem}); refusing to load")
+
+
+def seal(directory: str | Path, **info: Any) -> Path:
+    """Write the ``COMPLETE`` marker: ``info`` plus the sha256 of every other file, all fsynced. -> the marker."""
+    d = Path(directory)
+    files = _files(d)
+    for p in files:
+        _fsync(p)
+    marker = {**info, "files": {str(p.relative_to(d)): _sha256(p) for p in files}}
+    (d / MARKER).write_text(json.dumps(marker, indent=1))
+    _fsync(d / MARKER)
+    return d / MARKER
+
+
 # ----------------------------------------------------------------------------
 # save
 # ----------------------------------------------------------------------------
@@ -210,12 +282,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, schedul
     _save_state(rng_state(), tmp, "rng")
     (tmp / "train_state.json").write_text(json.dumps({**train_state, "step": step}, indent=1))
 
-    files = _files(tmp)
-    for p in files:
-        _fsync(p)
-    marker = {"step": step, "files": {str(p.relative_to(tmp)): _sha256(p) for p in files}}
-    (tmp / MARKER).write_text(json.dumps(marker, indent=1))
-    _fsync(tmp / MARKER)
+    seal(tmp, step=step)
 
     if final.exists():  # the same step saved again (e.g. the end of a resumed, finished run)
         old = root / f"{final.name}.old-{os.getpid()}"

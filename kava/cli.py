@@ -1,4 +1,4 @@
-"""Command-line interface: ``kava train | eval | generate | analyze | demo``.
+"""Command-line interface: ``kava train | eval | generate | analyze | export | demo``.
 
 A thin argparse layer over :mod:`kava.train`, :mod:`kava.evaluate`,
 :mod:`kava.analyze` and :mod:`kava.demo`. User errors (bad config, bad data,
@@ -41,6 +41,7 @@ def _positive_int(s: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from kava.config import format_help
+    from kava.data.formats import FORMATS
 
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -56,14 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train",
         help="train a model (KaVa or a baseline) from a preset or a YAML config",
-        description="Train a model. The config comes from --preset (configs/NAME.yaml) or --config FILE;\n"
-                    "each --set key=value overrides one field (the value is parsed as YAML).\n"
+        description="Train a model. The config comes from --preset NAME (shipped with kava: kava/presets/NAME.yaml)\n"
+                    "or --config FILE; each --set key=value overrides one field (the value is parsed as YAML).\n"
                     "A run stopped by a signal (Ctrl-C, SIGTERM) exits normally, with status 0.",
         epilog="config fields (for --set key=value and YAML files):\n" + format_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = t.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", metavar="NAME", help="a preset config shipped in configs/NAME.yaml")
+    src.add_argument("--preset", metavar="NAME",
+                     help="a preset shipped with kava (kava/presets/NAME.yaml); an unknown NAME lists them")
     src.add_argument("--config", metavar="FILE", help="a YAML config file")
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field, e.g. --set latent.num_iterations=3 (repeatable, one pair each)")
@@ -84,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated benchmark names (gsm8k, gsm-hard, svamp, multiarith) and/or data file paths")
     e.add_argument("--question-field", metavar="F", help="question column of a generic data file")
     e.add_argument("--answer-field", metavar="F", help="answer column of a generic data file")
+    e.add_argument("--format", default="auto", choices=("auto", *FORMATS), metavar="FORMAT",
+                   help="schema of the data files: auto (guess from the fields, the default), " + ", ".join(FORMATS))
     e.add_argument("--mode", choices=("latent", "cot", "direct"), default="latent",
                    help="latent: the checkpoint's own way (latents; no-CoT checkpoints answer directly, "
                         "CoT checkpoints write a CoT); cot: force CoT decoding; direct: no latents (default: latent)")
@@ -121,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--limit", type=_positive_int, default=32, metavar="N", help="number of examples (default: 32)")
     a.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="tokens kept per latent (default: 5)")
 
+    # ---- export ------------------------------------------------------------
+    x = sub.add_parser(
+        "export",
+        help="write an inference-only copy of a checkpoint (--merged: LoRA merged into the weights)",
+        description="Write an inference-only checkpoint (config, tokenizer, weights, projection; no optimizer "
+                    "or RNG state), checksummed like a training checkpoint. It loads like any checkpoint "
+                    "(kava eval/generate/analyze, KavaModel.load). With --merged, the LoRA adapter and the "
+                    "trained special-token rows are merged into the backbone weights: a full-model "
+                    "checkpoint (lora.enabled=false) that decodes without the adapter overhead.",
+    )
+    x.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory, or a run directory (its latest)")
+    x.add_argument("--output", required=True, metavar="DIR", help="new directory to write (must not exist or be empty)")
+    x.add_argument("--merged", action="store_true", help="merge the LoRA adapter into the weights (peft merge_and_unload)")
+
     # ---- demo --------------------------------------------------------------
     sub.add_parser(
         "demo",
@@ -142,6 +160,19 @@ def _check_sets(sets: list[str]) -> None:
             raise ConfigError(f"--set {pair!r}: expected exactly one key=value pair, e.g. latent.num_iterations=3")
 
 
+def _check_local_paths(cfg) -> None:
+    """A missing local model or data path: one line naming it (and the command that builds a demo file)."""
+    from kava.backbone import check_model_path, missing_path_hint
+    from kava.config import ConfigError
+    from kava.data.formats import _looks_like_path
+
+    check_model_path(cfg.model.name_or_path)
+    for key, path in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)):
+        if path and not Path(path).expanduser().exists() and _looks_like_path(path):
+            hint = missing_path_hint(path)
+            raise ConfigError(f"{key}={path!r}: no such file" + (f"; {hint}" if hint else ""))
+
+
 def cmd_train(args) -> int:
     from kava.config import ConfigError, KavaConfig
 
@@ -158,6 +189,11 @@ def cmd_train(args) -> int:
     cfg = KavaConfig.from_yaml(path)
     if args.sets:
         cfg = cfg.override(args.sets)
+    if args.preset and Path(args.preset).stem == "demo":
+        from kava.demo import ensure_demo_task
+
+        ensure_demo_task(cfg)  # a fresh checkout: write the demo data and model that the preset trains on
+    _check_local_paths(cfg)
     if args.resume and not Path(args.resume).exists():
         raise FileNotFoundError(f"{args.resume}: checkpoint to resume from not found")
     import kava.train as train
@@ -185,7 +221,7 @@ def cmd_eval(args) -> int:
     report = run_eval(
         args.checkpoint, datasets, mode=args.mode, output_dir=args.output, limit=args.limit,
         question_field=args.question_field, answer_field=args.answer_field, batch_size=args.batch_size,
-        progress=not args.no_progress,
+        progress=not args.no_progress, format=args.format,
     )
     from kava.evaluate import format_markdown
 
@@ -197,34 +233,31 @@ def cmd_eval(args) -> int:
 
 def cmd_generate(args) -> int:
     from kava.analyze import decode_latents
-    from kava.answers import extract_answer, format_number
-    from kava.evaluate import answer_text, load_checkpoint, resolve_mode
+    from kava.answers import format_number
+    from kava.evaluate import load_checkpoint, resolve_mode
 
     model = load_checkpoint(args.checkpoint)
     cfg = model.cfg
     mode = resolve_mode(cfg.method, args.mode)
     if mode != args.mode:
         print(f"(method {cfg.method}: {mode} mode)")
-    gen = model.generate(list(args.questions), mode=mode, max_new_tokens=args.max_new_tokens)
-    tokens = decode_latents(model, gen.latents, k=args.top_k) if gen.latents is not None else None
+    gens = model.generate(list(args.questions), mode=mode, max_new_tokens=args.max_new_tokens)
     T = cfg.latent.num_iterations if cfg.latent.mode == "jacobi" else cfg.latent.num_tokens
-    for i, q in enumerate(args.questions):
+    for i, g in enumerate(gens):
         if i:
             print()
-        print(f"question: {q}")
-        if tokens is not None:
-            print(f"latents ({len(tokens[i])}, top-{args.top_k} tokens through the LM head):")
-            for j, toks in enumerate(tokens[i]):
+        print(f"question: {g.question}")
+        if g.latents is not None:  # the latents whose KV the answer attended to
+            tokens = decode_latents(model, g.latents[None], k=args.top_k)[0]
+            print(f"latents ({len(tokens)}, top-{args.top_k} tokens through the final norm and the LM head):")
+            for j, toks in enumerate(tokens):
                 print(f"  z{j + 1:<3} " + "  ".join(repr(t) for t in toks))
-        text = gen.texts[i]
         if mode == "cot":
-            print(f"generated: {text}")
+            print(f"generated: {g.text}")
         else:
-            print(f"generated after '{cfg.data.answer_prompt}': {text}")
-        part = answer_text(text, mode, cfg.data.answer_prompt)
-        value = extract_answer(part) if part is not None else None
-        print(f"answer: {format_number(value) if value is not None else '(none)'}")
-        n, k = gen.forward_passes[i], gen.generated_tokens[i]
+            print(f"generated after '{cfg.data.answer_prompt}': {g.text}")
+        print(f"answer: {format_number(g.answer) if g.answer is not None else '(none)'}")
+        n, k = g.forward_passes, g.tokens
         if mode == "latent":
             detail = f" (1 + {T} latent + {k} answer tokens)" if cfg.latent.mode == "jacobi" else f" ({k} answer tokens)"
         else:
@@ -246,7 +279,16 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "analyze": cmd_analyze}
+def cmd_export(args) -> int:
+    from kava.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.output, merged=args.merged)
+    print(out)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "analyze": cmd_analyze,
+            "export": cmd_export}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

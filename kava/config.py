@@ -86,7 +86,7 @@ class DataCfg:
     eval_path: str = _f("", "validation data during training: hub id or local file ('' = none)")
     train_split: str = _f("train", "split name when train_path is a hub id")
     eval_split: str = _f("validation", "split name when eval_path is a hub id")
-    format: Literal["auto", "gsm8k-aug", "codi", "icot", "gsm8k", "gsm-hard", "svamp", "multiarith", "generic", "synthetic"] = _f("auto", "source schema; auto guesses from the path/id and fields")
+    format: Literal["auto", "gsm8k-aug", "codi", "icot", "gsm8k", "gsm-hard", "svamp", "multiarith", "mawps", "generic", "synthetic"] = _f("auto", "source schema; auto guesses from the path/id and fields")
     question_field: str = _f("question", "question column for the generic format")
     answer_field: str = _f("answer", "answer column for the generic format")
     cot_field: str = _f("", "CoT column for the generic format ('' = none)")

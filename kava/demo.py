@@ -8,13 +8,14 @@ Steps (``kava demo``):
 5. write report.md, report.json and training_curves.png; print the table.
 
 ``kava demo --ablate`` runs METHOD.md's ablations on the same task instead: the sweep spec
-configs/sweeps/ablate-demo.yaml (kava.sweep).
+kava/presets/sweeps/ablate-demo.yaml (kava.sweep).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -98,6 +99,36 @@ def prepare_task(out: Path, seed: int, sizes: DemoSizes, style: str = "equations
     return TaskFiles(train=train_path, valid=valid_path, test=test_path, model_dir=model_dir)
 
 
+def demo_root(cfg: KavaConfig) -> Path | None:
+    """``DIR`` when the config trains on the demo layout: model ``DIR/base_model``, data ``DIR/data/train.jsonl``."""
+    model, train = Path(cfg.model.name_or_path), Path(cfg.data.train_path)
+    if model.name == "base_model" and train.name == "train.jsonl" and train.parent.name == "data" \
+            and train.parent.parent == model.parent:
+        return model.parent
+    return None
+
+
+def ensure_demo_task(cfg: KavaConfig, sizes: DemoSizes | None = None) -> TaskFiles | None:
+    """``kava train --preset demo``: write the demo data and random-init model first when they are missing.
+
+    Only for a config on the demo layout (:func:`demo_root`); the task's seed is ``train.seed``, as in
+    ``kava demo --seed N``, so a later ``kava demo --output DIR`` reuses what this wrote. -> the files, or
+    ``None`` when nothing had to be written.
+    """
+    from kava.config import ConfigError
+
+    root = demo_root(cfg)
+    if root is None or ((root / "base_model" / "config.json").is_file() and Path(cfg.data.train_path).is_file()):
+        return None
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # every rank would write the same files: leave it to
+        return None                                      # the missing-path error, which names 'kava demo'
+    log.info("%s: preparing the demo task and its random-init model (as 'kava demo --output %s' does)", root, root)
+    try:
+        return prepare_task(root, cfg.train.seed, sizes or DemoSizes())
+    except SystemExit as e:  # another task already in DIR: one line, exit 2
+        raise ConfigError(str(e)) from None
+
+
 def demo_config(model_dir: Path, train_path: Path, seed: int, extra: list[str]) -> KavaConfig:
     cfg = KavaConfig.from_yaml(preset_path("demo"))
     return cfg.override([f"model.name_or_path={model_dir}", f"data.train_path={train_path}",
@@ -147,7 +178,12 @@ def accuracy_by_steps(examples, preds) -> dict[str, float]:
     return {str(n): sum(v) / len(v) for n, v in sorted(groups.items())}
 
 
-def plot_curves(runs: dict[str, Path], path: Path) -> None:
+def plot_curves(runs: dict[str, Path], path: Path) -> bool:
+    """Training curves as a PNG; False (and a warning) without matplotlib (the ``kava[plots]`` extra)."""
+    from kava.optional import have_matplotlib
+
+    if not have_matplotlib(path.name):
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,6 +205,7 @@ def plot_curves(runs: dict[str, Path], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def _row(label: str, rep: dict, train_s: float | None) -> str:
@@ -194,7 +231,7 @@ def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str]) -> dict:
     nocot_cfg = kava_cfg.override(["method=nocot", "train.curriculum_cot_steps=0"])
     kava = train_and_eval("kava", kava_cfg, out, test_path, ["latent", "cot"])
     nocot = train_and_eval("nocot", nocot_cfg, out, test_path, ["direct"])
-    plot_curves({"KaVa": out / "kava", "No-CoT": out / "nocot"}, out / "training_curves.png")
+    plotted = plot_curves({"KaVa": out / "kava", "No-CoT": out / "nocot"}, out / "training_curves.png")
     wall = time.perf_counter() - t_start
     lat, nc = kava["latent"], nocot["direct"]
     gap = 100 * (lat["accuracy"] - nc["accuracy"])
@@ -221,7 +258,7 @@ def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str]) -> dict:
             f"{label} " + " / ".join(f"{k}: {100 * v:.0f}" for k, v in rep["accuracy_by_steps"].items())
             for label, rep in (("latent", lat), ("CoT mode", kava["cot"]), ("No-CoT", nc))) + ".",
         "",
-        "![training curves](training_curves.png)",
+        "![training curves](training_curves.png)" if plotted else "(No training curves: matplotlib is not installed.)",
     ]
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
@@ -233,7 +270,7 @@ def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str]) -> dict:
 
 
 def run_ablation(out: Path, seed: int, task: str, extra: list[str], workers: int = 1, quick: bool = False) -> dict:
-    """METHOD.md's ablations: the packaged sweep spec ``ablate-demo`` (configs/sweeps/) at this seed and task."""
+    """METHOD.md's ablations: the packaged sweep spec ``ablate-demo`` (kava/presets/sweeps/) at this seed and task."""
     from kava.sweep import SweepSpec, resolve_spec, run_sweep
 
     spec = SweepSpec.from_yaml(resolve_spec("ablate-demo"))
@@ -250,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the task, the model init and the data order")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--ablate", action="store_true",
-                   help="run METHOD.md's ablations instead of the demo: the sweep spec configs/sweeps/ablate-demo.yaml "
+                   help="run METHOD.md's ablations instead of the demo: the sweep spec kava/presets/sweeps/ablate-demo.yaml "
                         "(the same as 'kava sweep ablate-demo'; report_valid.md in --output)")
     p.add_argument("--workers", type=int, default=1, help="with --ablate: parallel single-thread worker processes")
     p.add_argument("--task", default="small", choices=sorted(TASKS),

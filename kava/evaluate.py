@@ -164,11 +164,11 @@ def evaluate(
         for idx in batches:
             questions = [examples[i].question for i in idx]
             t0 = time.perf_counter()
-            gen = model.generate(questions, mode=mode)
+            gens = model.generate(questions, mode=mode)  # one kava.model.Generation per question
             per_q = (time.perf_counter() - t0) / len(idx)
-            for j, i in enumerate(idx):
+            for g, i in zip(gens, idx):
                 ex = examples[i]
-                text = gen.texts[j]
+                text = g.text
                 part = answer_text(text, mode, prompt)
                 pred = extract_answer(part) if part is not None else None
                 preds[i] = Prediction(
@@ -178,9 +178,9 @@ def evaluate(
                     prediction=pred,
                     correct=bool(pred is not None and answers_match(pred, ex.answer)),
                     text=text,
-                    forward_passes=int(gen.forward_passes[j]),
-                    tokens=int(gen.generated_tokens[j]),
-                    kv_bytes=int(gen.kv_bytes[j]),
+                    forward_passes=int(g.forward_passes),
+                    tokens=int(g.tokens),
+                    kv_bytes=int(g.kv_bytes),
                     latency_s=per_q,
                 )
             if bar is not None:
@@ -219,11 +219,13 @@ def load_dataset(
     question_field: str | None = None,
     answer_field: str | None = None,
     cot_field: str | None = None,
+    format: str = "auto",
 ):
     """A benchmark name (gsm8k, gsm-hard, svamp, multiarith) or a data file / hub id -> ``LoadResult``.
 
     An existing path always wins over a benchmark name. Field names apply to
-    files and hub ids (``generic`` format when they differ from the defaults).
+    files and hub ids (``generic`` format when they differ from the defaults);
+    ``format`` (one of :data:`kava.data.formats.FORMATS`) names their schema instead of guessing it.
     """
     from kava.data.formats import DataError, load_examples, resolve_benchmark
 
@@ -243,10 +245,10 @@ def load_dataset(
         except DataError:
             pass  # not a benchmark: a hub id or a missing file, which load_examples reports
         else:
-            if question_field or answer_field:
-                log.warning("%s: --question-field/--answer-field are ignored for a known benchmark", name)
+            if question_field or answer_field or format not in ("auto", fmt):
+                log.warning("%s: --question-field/--answer-field/--format are ignored for a known benchmark", name)
             return load_examples(path, format=fmt, split=split, hub_config=config)
-    return load_examples(name, format="auto", **fields)
+    return load_examples(name, format=format or "auto", **fields)
 
 
 def dataset_label(name: str) -> str:
@@ -350,11 +352,13 @@ def run_eval(
     batch_size: int | None = None,
     progress: bool = True,
     model=None,
+    format: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on several datasets; write report.json, report.md, predictions.jsonl.
 
     ``mode="latent"`` follows the checkpoint's method (see :func:`resolve_mode`);
     ``mode="cot"`` forces CoT decoding. ``model`` may be passed to skip loading.
+    ``format``: the schema of the data files (default: guessed; see :func:`load_dataset`).
     Returns the report dict.
     """
     datasets = list(dict.fromkeys(d.strip() for d in datasets if d and d.strip()))  # unique, in order
@@ -367,7 +371,7 @@ def run_eval(
     # Load the data before the model: a bad path should fail before a slow model load.
     loaded = []
     for name in datasets:
-        res = load_dataset(name, question_field, answer_field)
+        res = load_dataset(name, question_field, answer_field, format=format)
         examples = res.examples
         bad = [e for e in examples if parse_number(e.answer) is None]
         if bad:

@@ -18,17 +18,20 @@ from kava.data.collate import positions_from_mask
 class LatentTrace:
     """Result of latent reasoning for a batch.
 
-    latents:      [B, M, D]  final latent inputs z^T (Jacobi) / z_1..z_M (sequential)
-    consumed:     [B, M, D]  latents whose KV the answer pass attends to
-    latent_kv:    {iteration: (K, V)} each [B, L, H_kv, M, d]; the largest key is the final one
+    latents:      [B, M, D]  the latent inputs whose KV the answer pass attends to: the inputs of the last
+                  pass, z^{T-1} in Jacobi mode (the <latent> embeddings when T = 0), z_1..z_M in
+                  sequential mode. Re-running that pass on them rebuilds ``cache`` (``replay_final_pass``).
+    latent_kv:    {iteration: (K, V)} each [B, L, H_kv, M, d]; the largest key is the final one (the KV
+                  of ``latents``, which the answer pass reads)
     cache:        prefix + final latent KV, ready for the answer pass
     mask:         [B, Nq + M] attention mask of that cache
     next_position:[B] position id of the first answer token
     forward_passes: number of model calls made (batch-wide)
+    history:      with ``keep_history`` (Jacobi): z^0 .. z^T, where z^t is the input of iteration t + 1
+                  (z^T, the update after the last pass, is computed but feeds nothing)
     """
 
     latents: torch.Tensor
-    consumed: torch.Tensor
     latent_kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
     cache: DynamicCache
     mask: torch.Tensor
@@ -103,7 +106,7 @@ def run_latents(
             z = project(h)
         latents_t = torch.cat(latents, dim=1)
         _, kv = _split_cache(cache, Nq)
-        return LatentTrace(latents_t, latents_t, {max(num_iterations, 1): kv}, cache, full_mask,
+        return LatentTrace(latents_t, {max(num_iterations, 1): kv}, cache, full_mask,
                            n_valid + M, M + (question is None), history)
 
     # Pass 0: Q <bot> then M copies of <latent>, in one call; keep the prefix KV.
@@ -131,18 +134,21 @@ def run_latents(
         h, cache = decoder(z, full_mask, latent_pos, _cache_from(prefix_kv))
         _, latent_kv[t] = _split_cache(cache, Nq)
         consumed = z
+        if t == num_iterations and not keep_history:
+            break  # the update after the last pass would feed nothing
         # Causal shift: slot 1 keeps its value; slot i takes prj(h at slot i-1).
         z = torch.cat([z[:, :1], project(h[:, :-1])], dim=1)
         if keep_history:
             history.append(z)
-    return LatentTrace(z, consumed, latent_kv, cache, full_mask, n_valid + M, 1 + num_iterations, history)
+    # The answer attends to the KV of the last pass, whose inputs were `consumed` (not the final update z).
+    return LatentTrace(consumed, latent_kv, cache, full_mask, n_valid + M, 1 + num_iterations, history)
 
 
 def replay_final_pass(decoder: Callable, trace: LatentTrace, z: torch.Tensor) -> DynamicCache:
     """Re-run the last latent pass of ``trace`` with other latent inputs ``z`` [B, M, D].
 
     Same prefix cache, mask and positions as the pass that produced ``trace.cache``; with
-    ``z = trace.consumed`` it rebuilds that cache (in sequential mode too: one causal pass over
+    ``z = trace.latents`` it rebuilds that cache (in sequential mode too: one causal pass over
     z_1..z_M gives the KV the M one-token passes gave). -> prefix + latent cache for the answer pass.
     """
     M = z.shape[1]

@@ -1,10 +1,19 @@
-"""KavaModel: one backbone, two modes (teacher, student), the KaVa training loss, generation, save/load."""
+"""KavaModel: one backbone, two modes (teacher, student), the KaVa training loss, generation, save/load.
+
+Public API (also exported by ``import kava``)::
+
+    model = KavaModel.from_pretrained("ckpt" | "hub/id" | "local/hf_dir")   # or from_config(cfg), from_backbone(lm, tok, cfg)
+    loss, metrics = model.training_loss(examples)      # == model(examples); list[Example] or collated batches
+    trace = model.latent_reasoning(["question", ...])  # LatentTrace: .latents [B, M, D], .latent_kv {t: (K, V)}
+    outs = model.generate(["question", ...], mode="latent" | "cot" | "direct")   # list[Generation]
+    model.save_pretrained("ckpt")
+"""
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -13,15 +22,38 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kava.attention import ImportanceCapture
-from kava.backbone import LatentProjection, add_special_tokens, apply_lora, load_backbone
-from kava.config import ConfigError, KavaConfig
-from kava.data.collate import IGNORE, StudentBatch, TeacherBatch, Tokenizer, pad_rows, positions_from_mask
+from kava.attention import PREFIX as CAPTURE_PREFIX
+from kava.attention import capturing_attention_name
+from kava.backbone import DTYPES, LatentProjection, add_special_tokens, apply_lora, load_backbone
+from kava.config import OFFLINE_SMOLLM2, ConfigError, KavaConfig, config_value
+from kava.data import Example
+from kava.data.collate import IGNORE, SegmentEncoder, StudentBatch, TeacherBatch, pad_rows, positions_from_mask
+from kava.data.collate import make_batches as collate_examples
 from kava.eviction import CompressedKV, compress_kv
 from kava.latent import LatentTrace, QuestionState, run_latents
 from kava.rope import rotary_inv_freq, rotate_keys, slot_shifts
 from kava.losses import total_loss
 
 log = logging.getLogger(__name__)
+
+# Config keys that define the weights stored in a checkpoint: a config given to load / from_pretrained must agree.
+WEIGHT_KEYS = ("model.name_or_path", "lora.enabled", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules",
+               "latent.use_projection")
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device | str = "cpu"):
+    """Draw from torch's CPU RNG (and ``device``'s, when it is a GPU) seeded with ``seed``; restore both after.
+
+    The global RNG state the caller had is left exactly as it was (``torch.random.fork_rng``).
+    """
+    device = torch.device(device)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for i in cuda:
+            torch.cuda.default_generators[i].manual_seed(seed)
+        yield
 
 
 @dataclass
@@ -88,7 +120,7 @@ class KavaModel(nn.Module):
         self.lm = lm  # PeftModel or plain PreTrainedModel
         self.tokenizer = tokenizer
         self.special_ids = special_ids
-        self.encoder = Tokenizer(tokenizer, special_ids, cfg.data.answer_prompt)
+        self.encoder = SegmentEncoder(tokenizer, special_ids, cfg.data.answer_prompt)
         base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
         self.decoder_stack = base.model
         self.lm_head = base.lm_head
@@ -99,16 +131,98 @@ class KavaModel(nn.Module):
 
     # ---- construction ------------------------------------------------------
     @classmethod
+    def from_backbone(cls, model: nn.Module, tokenizer, config: KavaConfig | None = None) -> "KavaModel":
+        """Wrap an already loaded HF causal LM (e.g. ``AutoModelForCausalLM.from_pretrained(...)``) and its tokenizer.
+
+        Modifies both in place, where they are: adds ``<bot>``, ``<eot>``, ``<latent>`` (and a pad token if
+        there is none) to ``tokenizer`` and resizes the embeddings (new rows start at the mean embedding);
+        routes attention through the importance-capturing wrapper of the kernel the backbone already uses
+        (an ``eager`` backbone gets ``config.model.attn_implementation``, ``sdpa`` by default); applies LoRA per
+        ``config.lora`` (``lora.enabled=false``: every weight becomes trainable); adds the projection head
+        (fp32, on the backbone's device). Nothing is reloaded and nothing is moved to another device or dtype.
+
+        RNG: the random initial values (LoRA A matrices, the projection head, the resized embedding rows before
+        they are overwritten) are drawn from torch's RNG seeded with ``config.train.seed`` inside
+        ``torch.random.fork_rng``. They depend on ``train.seed`` (and the backbone's device type) only, and
+        the caller's global RNG state is left unchanged (the global RNG is never reseeded).
+
+        config: default ``KavaConfig()`` with ``model.name_or_path`` set to the backbone's ``name_or_path``.
+        The model's config (``model.cfg``) is it resolved (what ``method`` implies, as in training), with the
+        backbone's actual ``model.dtype`` and ``model.attn_implementation``.
+        With LoRA, :meth:`save_pretrained` stores the adapter and not the base weights, and loading reloads
+        the base from ``model.name_or_path``: a warning is logged when that does not name this backbone.
+        """
+        if hasattr(model, "peft_config"):
+            raise ValueError("from_backbone: expected a plain transformers causal LM, got a peft model "
+                             "(KaVa applies LoRA itself, per config.lora)")
+        cfg = _config_for_backbone(model, config)
+        device = model.get_input_embeddings().weight.device
+        with seeded_rng(cfg.train.seed, device):
+            special = add_special_tokens(model, tokenizer)
+            attn = capturing_attention_name(cfg.model.attn_implementation)
+            if model.config._attn_implementation != attn:
+                model.set_attn_implementation(attn)
+            lm = apply_lora(model, cfg.lora, list(special.values()))
+            kava = cls(cfg, lm, tokenizer, special)
+        kava.projection.to(device)
+        return kava
+
+    @classmethod
     def from_config(cls, cfg: KavaConfig) -> "KavaModel":
-        torch.manual_seed(cfg.train.seed)
+        """Load ``cfg.model`` (backbone and tokenizer, on CPU, in ``model.dtype``), then :meth:`from_backbone`."""
         base, tokenizer = load_backbone(cfg.model)
-        special = add_special_tokens(base, tokenizer)
-        lm = apply_lora(base, cfg.lora, list(special.values()))
-        return cls(cfg, lm, tokenizer, special)
+        return cls.from_backbone(base, tokenizer, cfg)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, config: KavaConfig | None = None, *,
+                        is_trainable: bool = False) -> "KavaModel":
+        """A trained KaVa model, or a new one around a pretrained backbone.
+
+        - A KaVa checkpoint directory (``kava_meta.json``, ``config.yaml``: written by :meth:`save_pretrained`,
+          by training or by ``kava export``) or a training run directory (its latest complete checkpoint):
+          :meth:`load`, which verifies the files. ``config``, if given, replaces the saved config (another
+          ``method``, ``latent.num_iterations``, ``eval.*``, ``model.dtype``...) and must agree with it on
+          :data:`WEIGHT_KEYS`. ``is_trainable``: LoRA adapters trainable, to train on (default: frozen).
+        - Anything else is a hub id or a local HF model directory: :meth:`from_config` with ``config``
+          (default ``KavaConfig()``) and ``model.name_or_path = name_or_path``; a new, untrained KaVa model.
+
+        Returned in eval mode, as transformers' ``from_pretrained`` does (``.train()`` before training).
+        """
+        from kava.checkpoint import CHECKPOINTS, CheckpointError, latest_checkpoint
+
+        name = str(name_or_path)
+        p = Path(name).expanduser()
+        if p.is_dir() and (p / CHECKPOINTS).is_dir() and not (p / "kava_meta.json").exists():
+            latest = latest_checkpoint(p)
+            if latest is None:
+                raise CheckpointError(f"{p}: training run without a complete checkpoint under {p / CHECKPOINTS}")
+            p = latest
+        if p.is_dir() and ((p / "kava_meta.json").exists() or (p / "config.yaml").exists()):
+            return cls.load(p, is_trainable=is_trainable, config=config).eval()
+        cfg = config if config is not None else KavaConfig()
+        return cls.from_config(replace(cfg, model=replace(cfg.model, name_or_path=name))).eval()
 
     @property
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The backbone's final norm (applied to its last hidden states before the LM head)."""
+        norm = getattr(self.decoder_stack, "norm", None)
+        if norm is None:
+            raise AttributeError(f"{type(self.decoder_stack).__name__} has no final `norm`")
+        return norm
+
+    def vocab_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """``lm_head(final_norm(h))``: vocabulary logits of vectors in the residual stream that did not go
+        through the final norm, such as latents (the backbone's own outputs already did)."""
+        w = self.lm_head.weight
+        return self.lm_head(self.final_norm(h.to(device=w.device, dtype=w.dtype)))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.decoder_stack.embed_tokens(ids)
@@ -185,8 +299,35 @@ class KavaModel(nn.Module):
         )
 
     # ---- student -----------------------------------------------------------
-    def latent_reasoning(self, prefix_ids, prefix_mask, keep_history: bool = False,
-                         question: QuestionState | None = None) -> LatentTrace:
+    def encode_questions(self, questions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Q <bot>`` of each question, left-padded, on the model's device: (ids [B, Nq], mask [B, Nq])."""
+        if isinstance(questions, str):
+            questions = [questions]
+        if not questions:
+            raise ValueError("no questions")
+        prefixes = [self.encoder.question_ids(q) for q in questions]
+        ids = pad_rows(prefixes, self.encoder.pad, left=True).to(self.device)
+        mask = pad_rows([[1] * len(p) for p in prefixes], 0, left=True).bool().to(self.device)
+        return ids, mask
+
+    def latent_reasoning(self, questions: list[str] | torch.Tensor, prefix_mask: torch.Tensor | None = None,
+                         keep_history: bool = False, question: QuestionState | None = None) -> LatentTrace:
+        """Pass 0 and the latent iterations (``latent.mode``, ``latent.num_tokens``, ``latent.num_iterations``).
+
+        questions: a list of strings; or the left-padded ``Q <bot>`` ids [B, Nq] with ``prefix_mask`` [B, Nq]
+        (as in a StudentBatch; an all-ones mask when omitted). Runs under the caller's grad mode (wrap it in
+        ``torch.no_grad()`` to inspect). -> :class:`~kava.latent.LatentTrace`: ``.latents`` [B, M, D] are the
+        latent inputs whose KV the answer attends to, ``.latent_kv`` {iteration: (K, V)} each
+        [B, L, H_kv, M, d]. ``question``: the prefix already computed (the training step's shared pass).
+        """
+        if isinstance(questions, torch.Tensor):
+            prefix_ids = questions
+            if prefix_mask is None:
+                prefix_mask = torch.ones_like(prefix_ids, dtype=torch.bool)
+        else:
+            if prefix_mask is not None:
+                raise ValueError("prefix_mask goes with tensor inputs (prefix ids), not with question strings")
+            prefix_ids, prefix_mask = self.encode_questions(questions)
         lat = self.cfg.latent
         return run_latents(
             self._decoder_fn(), self.embed, self.projection, prefix_ids, prefix_mask,
@@ -234,11 +375,34 @@ class KavaModel(nn.Module):
             kept = replace(kept, keys=keys)  # masked slots: zero keys, shift 0, still zero
         return kept
 
-    def training_loss(self, teacher: TeacherBatch | None, student: StudentBatch | None,
+    def make_batches(self, examples: list[Example], teacher_only: bool = False
+                     ) -> tuple[TeacherBatch | None, StudentBatch | None]:
+        """Encode and collate ``examples`` as training does (:func:`kava.data.collate.make_batches`: the
+        config's ``eviction.importance_queries`` and ``loss.student_ce_on_prompt``; only the batches
+        ``method`` uses), on the model's device."""
+        teacher, student = collate_examples(list(examples), self.encoder, self.cfg, teacher_only)
+        return (teacher.to(self.device) if teacher is not None else None,
+                student.to(self.device) if student is not None else None)
+
+    def training_loss(self, teacher: list[Example] | TeacherBatch | None, student: StudentBatch | None = None,
                       generator: torch.Generator | None = None, teacher_only: bool = False,
                       student_weight: float = 1.0):
-        """-> (loss, metrics). Which terms exist depends on ``cfg.method``; ``student_weight`` scales
-        the student terms of the KaVa loss (``losses.total_loss``)."""
+        """-> (loss, metrics). Which terms exist depends on ``cfg.method``.
+
+        teacher: a list of :class:`~kava.data.Example` (collated here with :meth:`make_batches`; leave
+        ``student`` out), or the collated TeacherBatch (None for nocot) and ``student`` the StudentBatch
+        (None for cot and teacher-only steps). generator: random eviction draws. ``teacher_only``: the
+        teacher CE alone (the CoT curriculum). ``student_weight`` scales the student terms of the KaVa loss
+        (``losses.total_loss``). ``model(...)`` (``forward``) is the same call.
+        """
+        if isinstance(teacher, Example):
+            teacher = [teacher]
+        if isinstance(teacher, (list, tuple)):
+            if not teacher or not all(isinstance(e, Example) for e in teacher):
+                raise TypeError("training_loss: expected a non-empty list of Example, or collated batches")
+            if student is not None:
+                raise TypeError("training_loss: give a list of Example alone, or a TeacherBatch and a StudentBatch")
+            teacher, student = self.make_batches(teacher, teacher_only)
         cfg = self.cfg
         method = cfg.method
         if method == "cot" or teacher_only:
@@ -257,6 +421,14 @@ class KavaModel(nn.Module):
             ce_student=s.ce, ce_teacher=t.ce, student_h=s.hidden, teacher_h=t.hidden,
             latent_kv=s.trace.latent_kv, teacher_kv=compressed, cfg=cfg.loss, student_weight=student_weight,
         )
+
+    def forward(self, *args, **kwargs):
+        """:meth:`training_loss`: ``model(examples)`` or ``model(teacher, student, ...)`` -> (loss, metrics).
+
+        So DDP, FSDP and accelerate's ``prepare`` wrap the KavaModel itself, and HF-style loops read the loss
+        as ``outputs[0]``.
+        """
+        return self.training_loss(*args, **kwargs)
 
     # ---- generation --------------------------------------------------------
     @contextlib.contextmanager
@@ -279,24 +451,33 @@ class KavaModel(nn.Module):
                     m.unmerge()
 
     @torch.no_grad()
-    def generate(self, questions: list[str], mode: str = "latent", max_new_tokens: int | None = None) -> "Generation":
-        """Greedy, batched, batch-invariant generation.
+    def generate(self, questions: list[str], mode: str = "latent", max_new_tokens: int | None = None
+                 ) -> list["Generation"]:
+        """Greedy, batched, batch-invariant generation: one :class:`Generation` per question.
 
         mode: ``latent`` (latents, then ``<eot> P`` and the answer), ``direct`` (no latents: No-CoT),
-        ``cot`` (teacher mode: write C <eot> P A).
+        ``cot`` (teacher mode: write C <eot> P A). Each result has ``.text``, ``.answer`` (the number read
+        from the answer part, or None), ``.forward_passes``, ``.tokens``, ``.kv_bytes`` and, in latent mode,
+        ``.latents`` [M, D]. ``max_new_tokens``: default ``eval.max_answer_tokens`` (``eval.max_cot_tokens`` in cot).
         """
+        if isinstance(questions, str):
+            questions = [questions]
+        return self.generate_batch(questions, mode, max_new_tokens).split(questions, mode, self.cfg.data.answer_prompt)
+
+    @torch.no_grad()
+    def generate_batch(self, questions: list[str], mode: str = "latent", max_new_tokens: int | None = None
+                       ) -> "GenerationBatch":
+        """:meth:`generate` as columns (lists per question, latents [B, M, D]), for benchmarks."""
         with self.merged_token_rows():
             return self._generate(questions, mode, max_new_tokens)
 
-    def _generate(self, questions: list[str], mode: str, max_new_tokens: int | None) -> "Generation":
+    def _generate(self, questions: list[str], mode: str, max_new_tokens: int | None) -> "GenerationBatch":
         if mode not in ("latent", "direct", "cot"):
             raise ValueError(f"mode={mode!r}: expected latent, direct or cot")
         ev = self.cfg.eval
         enc = self.encoder
-        prefixes = [enc.question_ids(q) for q in questions]
-        device = next(self.parameters()).device
-        prefix_ids = pad_rows(prefixes, enc.pad, left=True).to(device)
-        prefix_mask = pad_rows([[1] * len(p) for p in prefixes], 0, left=True).bool().to(device)
+        device = self.device
+        prefix_ids, prefix_mask = self.encode_questions(questions)
         B = len(questions)
         trace = None
         if mode == "cot":
@@ -323,7 +504,7 @@ class KavaModel(nn.Module):
         head_dim = getattr(cfgm, "head_dim", None) or cfgm.hidden_size // cfgm.num_attention_heads
         bytes_per_token = 2 * cfgm.num_hidden_layers * cfgm.num_key_value_heads * head_dim * next(self.parameters()).element_size()
         valid_prompt = mask.long().sum(-1).tolist()  # cache entries before decoding
-        return Generation(
+        return GenerationBatch(
             texts=texts,
             token_ids=tokens,
             # `calls` passes produced the first token; each later token costs one more.
@@ -358,8 +539,9 @@ class KavaModel(nn.Module):
         return tokens, lengths
 
     # ---- save / load -------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        """Adapter (or full weights) + projection as safetensors, tokenizer, resolved config, metadata."""
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write a KaVa checkpoint: adapter (or full weights) + projection as safetensors, tokenizer, resolved
+        config, metadata (layout: docs/design.md). Reload it with :meth:`from_pretrained`."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.cfg.to_yaml(d / "config.yaml")
@@ -374,6 +556,10 @@ class KavaModel(nn.Module):
         (d / "kava_meta.json").write_text(json.dumps(self.metadata(), indent=1))
         return d
 
+    # Kept as an alias: kava.checkpoint.save_checkpoint and kava.export write these same files through
+    # ``save`` (then add optimizer / scheduler / RNG state and the checksum marker).
+    save = save_pretrained
+
     def metadata(self) -> dict:
         return {
             "format_version": 1,
@@ -387,12 +573,22 @@ class KavaModel(nn.Module):
         }
 
     @classmethod
-    def load(cls, directory: str | Path, expect: KavaConfig | None = None, is_trainable: bool = False) -> "KavaModel":
-        """Load a checkpoint written by :meth:`save`; refuse one that does not match ``expect``."""
+    def load(cls, directory: str | Path, expect: KavaConfig | None = None, is_trainable: bool = False,
+             config: KavaConfig | None = None) -> "KavaModel":
+        """Load a KaVa checkpoint directory (:meth:`save_pretrained`, a training checkpoint, ``kava export``).
+
+        Kept beside :meth:`from_pretrained` (which calls it) as the strict loader: a checkpoint directory
+        only, never a hub id or a bare backbone, so a wrong path fails here instead of being looked up on the
+        hub. The files are verified first. ``expect``: refuse a checkpoint whose architecture keys differ.
+        ``config``: replaces the saved config; it must agree with it on :data:`WEIGHT_KEYS`.
+        """
         d = Path(directory)
         for need in ("config.yaml", "kava_meta.json", "tokenizer"):
             if not (d / need).exists():
                 raise FileNotFoundError(f"{d}: not a KaVa checkpoint (missing {need})")
+        from kava.checkpoint import verify_for_loading
+
+        verify_for_loading(d)  # a corrupt file: CheckpointError naming it, before anything is read
         cfg = KavaConfig.from_yaml(d / "config.yaml")
         meta = json.loads((d / "kava_meta.json").read_text())
         if expect is not None:
@@ -405,19 +601,27 @@ class KavaModel(nn.Module):
             ]:
                 if mine != theirs:
                     raise ConfigError(f"{d}: checkpoint has {key}={theirs!r} but this run has {key}={mine!r}; refusing to load")
-        if cfg.lora.enabled:
-            from peft import PeftModel
+        if config is not None:
+            for key in WEIGHT_KEYS:
+                mine, theirs = config_value(config, key), config_value(cfg, key)
+                if mine != theirs:
+                    raise ConfigError(f"{d}: checkpoint has {key}={theirs!r} but the given config has {key}={mine!r}; "
+                                      "it defines the saved weights, refusing to load")
+            cfg = config.resolved()
+        # The initial values are overwritten by the saved ones: draw them without touching the caller's RNG.
+        with seeded_rng(cfg.train.seed):
+            if cfg.lora.enabled:
+                from peft import PeftModel
 
-            base, tokenizer = load_backbone(cfg.model, tokenizer_path=d / "tokenizer")
-            special = add_special_tokens(base, tokenizer)
-            lm = PeftModel.from_pretrained(base, d / "adapter", is_trainable=is_trainable)
-        else:
-            from dataclasses import replace
-
-            base, tokenizer = load_backbone(replace(cfg.model, name_or_path=str(d / "model")), tokenizer_path=d / "tokenizer")
-            special = add_special_tokens(base, tokenizer)
-            lm = base
-        model = cls(cfg, lm, tokenizer, special)
+                base, tokenizer = load_backbone(cfg.model, tokenizer_path=d / "tokenizer")
+                special = add_special_tokens(base, tokenizer)
+                lm = PeftModel.from_pretrained(base, d / "adapter", is_trainable=is_trainable)
+            else:
+                base, tokenizer = load_backbone(replace(cfg.model, name_or_path=str(d / "model")),
+                                                tokenizer_path=d / "tokenizer")
+                special = add_special_tokens(base, tokenizer)
+                lm = base
+            model = cls(cfg, lm, tokenizer, special)
         if model.config.hidden_size != meta["hidden_size"] or len(tokenizer) != meta["vocab_size"]:
             raise ConfigError(f"{d}: checkpoint metadata {meta} does not match the loaded backbone")
         if model.projection.enabled:
@@ -426,9 +630,71 @@ class KavaModel(nn.Module):
         return model
 
 
+def _config_for_backbone(model: nn.Module, config: KavaConfig | None) -> KavaConfig:
+    """``config`` (default: KavaConfig for this backbone) with the backbone's actual dtype and attention kernel,
+    resolved (:meth:`KavaConfig.resolved`)."""
+    loaded_from = str(getattr(model, "name_or_path", "") or "")
+    if config is None:
+        config = KavaConfig()
+        if loaded_from:
+            config = replace(config, model=replace(config.model, name_or_path=loaded_from))
+        else:
+            log.warning("from_backbone: the backbone has no name_or_path and no config was given; "
+                        "model.name_or_path stays %r", config.model.name_or_path)
+    elif loaded_from and not _names_backbone(config.model, loaded_from):
+        log.warning("from_backbone: config.model.name_or_path=%r but the backbone was loaded from %r; a checkpoint "
+                    "saved with LoRA reloads its base from the config's name", config.model.name_or_path, loaded_from)
+    changes = {}
+    dtype = next((name for name, dt in DTYPES.items() if dt == model.dtype), None)
+    if dtype is None:
+        log.warning("from_backbone: backbone dtype %s is not one of %s; model.dtype stays %r",
+                    model.dtype, ", ".join(DTYPES), config.model.dtype)
+    elif dtype != config.model.dtype:
+        changes["dtype"] = dtype
+    attn = getattr(model.config, "_attn_implementation", None) or "eager"
+    if attn.startswith(CAPTURE_PREFIX):
+        attn = attn[len(CAPTURE_PREFIX):]
+    if attn != "eager" and attn != config.model.attn_implementation:
+        changes["attn_implementation"] = attn
+    if changes:
+        config = replace(config, model=replace(config.model, **changes))
+    return config.resolved()  # what `method` implies (pccot/codi: no KV loss; codi: sequential), as training does
+
+
+def _names_backbone(model_cfg, loaded_from: str) -> bool:
+    name = model_cfg.name_or_path
+    if name == loaded_from:
+        return True
+    if name == OFFLINE_SMOLLM2:  # loaded from its converted copy
+        return Path(loaded_from).name == "smollm2-135m-instruct"
+    a, b = Path(name).expanduser(), Path(loaded_from).expanduser()
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
 @dataclass
 class Generation:
-    """Per question: decoded text (special tokens dropped), token ids, forward passes, tokens, KV bytes."""
+    """One question's generation (:meth:`KavaModel.generate`).
+
+    text: the decoded text (special tokens dropped): after ``<eot> P`` in latent/direct mode, the CoT and
+    all that follows in cot mode. answer: the number read from the answer part (``kava.answers.extract_answer``;
+    in cot mode what follows the first answer prompt), or None. tokens: generated tokens (EOS counted);
+    token_ids: them without EOS. forward_passes: model calls for this question. kv_bytes: the KV cache it
+    held. latents: [M, D], the latents whose KV the answer attended to (latent mode), else None.
+    """
+
+    question: str
+    text: str
+    answer: float | None
+    forward_passes: int
+    tokens: int
+    kv_bytes: int
+    token_ids: list[int] = field(repr=False)
+    latents: torch.Tensor | None = field(default=None, repr=False)
+
+
+@dataclass
+class GenerationBatch:
+    """A batch's generation as columns (:meth:`KavaModel.generate_batch`); latents [B, M, D] or None."""
 
     texts: list[str]
     token_ids: list[list[int]]
@@ -436,3 +702,18 @@ class Generation:
     generated_tokens: list[int]
     kv_bytes: list[int]
     latents: torch.Tensor | None
+
+    def split(self, questions: list[str], mode: str, answer_prompt: str) -> list[Generation]:
+        """One :class:`Generation` per question, with the answer parsed."""
+        from kava.answers import extract_answer
+        from kava.evaluate import answer_text
+
+        out = []
+        for i, q in enumerate(questions):
+            part = answer_text(self.texts[i], mode, answer_prompt)
+            out.append(Generation(
+                question=q, text=self.texts[i], answer=extract_answer(part) if part is not None else None,
+                forward_passes=self.forward_passes[i], tokens=self.generated_tokens[i], kv_bytes=self.kv_bytes[i],
+                token_ids=self.token_ids[i], latents=self.latents[i] if self.latents is not None else None,
+            ))
+        return out

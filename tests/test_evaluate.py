@@ -13,7 +13,7 @@ from kava.config import KavaConfig
 from kava.data import Example
 from kava.data.formats import DataError, load_examples
 from kava.evaluate import REPORT_KEYS, answer_text, evaluate, resolve_mode, run_eval
-from kava.model import Generation, KavaModel
+from kava.model import GenerationBatch, KavaModel
 
 T = 2  # latent.num_iterations in tiny_config
 
@@ -157,7 +157,8 @@ class FakeModel:
         texts = [self.texts[q] for q in questions]
         n = [len(t.split()) + 1 for t in texts]
         passes = [x if mode == "cot" else 1 + T + x for x in n]
-        return Generation(texts, [[0] * x for x in n], passes, n, [100 * x for x in n], None)
+        batch = GenerationBatch(texts, [[0] * x for x in n], passes, n, [100 * x for x in n], None)
+        return batch.split(list(questions), mode, self.cfg.data.answer_prompt)  # one Generation per question
 
 
 def wilson_by_hand(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -103,8 +103,9 @@ def test_batch_invariance(tiny_dir, mode):
         torch.testing.assert_close(c.keys[0], c_all.keys[i], atol=ATOL, rtol=0)
         torch.testing.assert_close(c.values[0], c_all.values[i], atol=ATOL, rtol=0)
         assert torch.equal(c.index[0], c_all.index[i]) and torch.equal(c.slot_mask[0], c_all.slot_mask[i])
-        assert g.token_ids[0] == g_all.token_ids[i] and g.forward_passes[0] == g_all.forward_passes[i]
-        assert gc.token_ids[0] == gc_all.token_ids[i]
+        assert g[0].token_ids == g_all[i].token_ids and g[0].forward_passes == g_all[i].forward_passes
+        torch.testing.assert_close(g[0].latents, g_all[i].latents, atol=ATOL, rtol=0)
+        assert gc[0].token_ids == gc_all[i].token_ids
     assert final >= 0
 
 
@@ -132,7 +133,7 @@ def test_jacobi_reproduces_sequential(tiny_dir, M):
         ts = seq.latent_reasoning(sb.prefix_ids, sb.prefix_mask)
         tj = jac.latent_reasoning(sb.prefix_ids, sb.prefix_mask, keep_history=True)
     torch.testing.assert_close(tj.latents, ts.latents, atol=ATOL, rtol=0)
-    torch.testing.assert_close(tj.consumed, ts.latents, atol=ATOL, rtol=0)
+    assert torch.equal(tj.latents, tj.history[M - 1])  # the inputs of the last pass, z^(T-1), not z^T
     (ks, vs), (kj, vj) = ts.latent_kv[max(ts.latent_kv)], tj.latent_kv[M]
     torch.testing.assert_close(kj, ks, atol=ATOL, rtol=0)
     torch.testing.assert_close(vj, vs, atol=ATOL, rtol=0)
@@ -147,22 +148,35 @@ def test_jacobi_reproduces_sequential(tiny_dir, M):
         torch.testing.assert_close(jac.student(sb).ce, seq.student(sb).ce, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("mode", ["jacobi", "sequential"])
-def test_replay_final_pass_rebuilds_the_answer_cache(tiny_dir, mode):
+@pytest.mark.parametrize("mode,T", [("jacobi", 2), ("jacobi", 0), ("sequential", 2)])
+def test_answer_pass_attends_to_the_kv_of_trace_latents(tiny_dir, mode, T):
+    """``LatentTrace.latents`` are the latents the answer used: one pass on them rebuilds the answer's cache
+    and the final ``latent_kv`` (in Jacobi mode z^(T-1), not the unused update z^T), and the student CE."""
     from kava.latent import replay_final_pass
 
-    model = make_model(tiny_dir, **{"latent.mode": mode, "latent.num_tokens": 4, "latent.num_iterations": 2})
+    model = make_model(tiny_dir, **{"latent.mode": mode, "latent.num_tokens": 4, "latent.num_iterations": T})
     _, sb = batches(model, EXAMPLES)
+    decoder = model._decoder_fn()
     with torch.no_grad():
         trace = model.latent_reasoning(sb.prefix_ids, sb.prefix_mask)
-        own = replay_final_pass(model._decoder_fn(), trace, trace.consumed)
-        other = replay_final_pass(model._decoder_fn(), trace, trace.consumed.roll(1, dims=0))
+        own = replay_final_pass(decoder, trace, trace.latents)
+        other = replay_final_pass(decoder, trace, trace.latents.roll(1, dims=0))
+    n = trace.mask.shape[1] - 4
     for a, b, c in zip(own.layers, trace.cache.layers, other.layers):
         torch.testing.assert_close(a.keys, b.keys, atol=ATOL, rtol=0)
         torch.testing.assert_close(a.values, b.values, atol=ATOL, rtol=0)
-        n = trace.mask.shape[1] - 4
         torch.testing.assert_close(c.keys[..., :n, :], b.keys[..., :n, :], atol=ATOL, rtol=0)  # prefix kept
-        assert not torch.allclose(c.keys[..., n:, :], b.keys[..., n:, :], atol=1e-3)  # latents swapped
+        if T > 0 or mode == "sequential":  # (T = 0: every row's latents are the <latent> embedding)
+            assert not torch.allclose(c.keys[..., n:, :], b.keys[..., n:, :], atol=1e-3)  # latents swapped
+    kf, vf = trace.latent_kv[max(trace.latent_kv)]
+    torch.testing.assert_close(torch.stack([layer.keys[..., n:, :] for layer in own.layers], 1), kf, atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.stack([layer.values[..., n:, :] for layer in own.layers], 1), vf, atol=ATOL, rtol=0)
+    with torch.no_grad():
+        ce, _ = model.answer_pass(sb, replay_final_pass(decoder, trace, trace.latents), trace.mask, trace.next_position)
+        torch.testing.assert_close(ce, model.student(sb).ce, atol=ATOL, rtol=0)
+    # generate() hands back the same latents, one [M, D] per question
+    for i, g in enumerate(model.generate([e.question for e in EXAMPLES], max_new_tokens=1)):
+        torch.testing.assert_close(g.latents, trace.latents[i], atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("softmax_over", ["cot", "row"])
@@ -280,9 +294,10 @@ def test_save_load_roundtrip(tiny_dir, tmp_path):
     model.save(tmp_path / "ckpt")
     loaded = KavaModel.load(tmp_path / "ckpt").eval()
     after = loaded.generate(questions, mode="latent", max_new_tokens=5)
-    assert after.token_ids == before.token_ids
-    assert loaded.generate(questions, mode="cot", max_new_tokens=5).token_ids == before_cot.token_ids
-    torch.testing.assert_close(after.latents, before.latents, atol=0, rtol=0)
+    assert [g.token_ids for g in after] == [g.token_ids for g in before]
+    assert [g.token_ids for g in loaded.generate(questions, mode="cot", max_new_tokens=5)] == [g.token_ids for g in before_cot]
+    for a, b in zip(after, before):
+        torch.testing.assert_close(a.latents, b.latents, atol=0, rtol=0)
     for (n1, p1), (n2, p2) in zip(model.named_parameters(), loaded.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2), n1
 
@@ -319,7 +334,7 @@ def test_generation_starts_where_training_ends(tiny_dir, mode):
 
 def test_forward_pass_count(tiny_llama_dir):
     model = make_model(tiny_llama_dir, **{"latent.num_iterations": 2})
-    g = model.generate([e.question for e in EXAMPLES], mode="latent", max_new_tokens=4)
-    assert g.forward_passes == [1 + 2 + n for n in g.generated_tokens]
-    gc = model.generate([e.question for e in EXAMPLES], mode="cot", max_new_tokens=4)
-    assert gc.forward_passes == gc.generated_tokens
+    for g in model.generate([e.question for e in EXAMPLES], mode="latent", max_new_tokens=4):
+        assert g.forward_passes == 1 + 2 + g.tokens
+    for g in model.generate([e.question for e in EXAMPLES], mode="cot", max_new_tokens=4):
+        assert g.forward_passes == g.tokens

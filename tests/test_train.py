@@ -361,7 +361,8 @@ def test_main_maps_config_errors_to_exit_2(tmp_path, capsys):
     bad.write_text("latent: {num_tokens: 0}\n")
     assert main(["--config", str(bad), "--output", str(tmp_path / "out")]) == 2
     assert "latent.num_tokens" in capsys.readouterr().err
-    assert main(["--config", "no-such-preset", "--output", str(tmp_path / "out")]) == 2
+    assert main(["--preset", "no-such-preset", "--output", str(tmp_path / "out")]) == 2
+    assert main(["--config", str(tmp_path / "missing.yaml"), "--output", str(tmp_path / "out")]) == 2
 
 
 def test_preset_path_lists_presets_when_unknown():

@@ -9,10 +9,14 @@ Sequences (METHOD.md):
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 
 from kava.data import Example
+
+if TYPE_CHECKING:
+    from kava.config import KavaConfig
 
 IGNORE = -100
 
@@ -31,8 +35,9 @@ class Segments:
         return len(self.question) + len(self.cot) + len(self.prompt) + len(self.answer)
 
 
-class Tokenizer:
-    """Turns Examples into Segments with one fixed convention for numbers and spaces."""
+class SegmentEncoder:
+    """Encodes Examples into Segments (question, CoT, answer prompt, answer token ids) with one fixed
+    convention for BOS, numbers and spaces. Wraps the HF tokenizer; ``model.encoder`` is one."""
 
     def __init__(self, tokenizer, special_ids: dict[str, int], answer_prompt: str = "The answer is:"):
         self.tok = tokenizer
@@ -174,3 +179,23 @@ def collate_student(segs: list[Segments], pad_id: int, ce_on_prompt: bool = Fals
         suffix_labels=pad_rows(labels, IGNORE),
         prompt_last=prompt_lens.pop() - 1,
     )
+
+
+def collate_segments(segs: list[Segments], pad_id: int, cfg: "KavaConfig", teacher: bool = True,
+                     student: bool = True) -> tuple[TeacherBatch | None, StudentBatch | None]:
+    """Teacher and/or student batch of ``segs`` under ``cfg``: the one place that reads the config keys of
+    collation (``eviction.importance_queries``, ``loss.student_ce_on_prompt``)."""
+    tb = collate_teacher(segs, pad_id, cfg.eviction.importance_queries) if teacher else None
+    sb = collate_student(segs, pad_id, cfg.loss.student_ce_on_prompt) if student else None
+    return tb, sb
+
+
+def make_batches(examples: list[Example], encoder: SegmentEncoder, cfg: "KavaConfig",
+                 teacher_only: bool = False) -> tuple[TeacherBatch | None, StudentBatch | None]:
+    """(TeacherBatch | None, StudentBatch | None) of ``examples``: only what ``cfg.method`` trains on
+    (no teacher for nocot, no student for cot or ``teacher_only``), collated with :func:`collate_segments`.
+    Training, validation, ``KavaModel.training_loss(examples)`` and ``kava analyze`` all go through here."""
+    segs = [encoder.segments(ex) for ex in examples]
+    need_teacher = cfg.method != "nocot" or teacher_only
+    need_student = cfg.method != "cot" and not teacher_only
+    return collate_segments(segs, encoder.pad, cfg, teacher=need_teacher, student=need_student)

@@ -43,7 +43,7 @@ __all__ = [
     "normalize_answer",
 ]
 
-FORMATS = ("gsm8k-aug", "codi", "icot", "gsm8k", "gsm-hard", "svamp", "multiarith", "generic")
+FORMATS = ("gsm8k-aug", "codi", "icot", "gsm8k", "gsm-hard", "svamp", "multiarith", "mawps", "generic")
 
 # Known hub ids (lower-cased) -> format. Ids starting with a key ending in "*" match by prefix.
 HUB_FORMATS: dict[str, str] = {
@@ -74,6 +74,7 @@ _EXPECTED = {
     "gsm-hard": "expected keys input, target (a number)",
     "svamp": "expected keys Body, Question, Answer",
     "multiarith": "expected keys question, final_ans (or answer)",
+    "mawps": "expected keys sQuestion, lSolutions (one answer: a one-element list or a number)",
 }
 
 _ANNOTATION = re.compile(r"<<(.*?)>>", re.S)
@@ -163,6 +164,13 @@ def _question(value: Any, key: str, expected: str) -> str:
 
 
 def _answer(value: Any, key: str, expected: str) -> str:
+    if isinstance(value, (list, tuple)):  # e.g. MAWPS' lSolutions: [8.0]
+        if len(value) != 1:
+            raise _RowError(
+                "several_answers" if value else "no_answer",
+                f"field '{key}' holds {len(value)} values {list(value)[:4]}; expected exactly one answer ({expected})",
+            )
+        value = value[0]
     if value is None or isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise _RowError(
             "wrong_type", f"field '{key}' must be a string or a number, got {type(value).__name__} ({expected})"
@@ -257,6 +265,13 @@ def _parse_multiarith(row: Any, opts: dict) -> Example:
     return Example(q, [], _answer(_get(row, key, exp), key, exp))
 
 
+def _parse_mawps(row: Any, opts: dict) -> Example:
+    """The classic MAWPS release schema (AddSub, MultiArith, SingleEq, SingleOp): sQuestion, lSolutions."""
+    exp = _EXPECTED["mawps"]
+    q = _question(_get(row, "sQuestion", exp), "sQuestion", exp)
+    return Example(q, [], _answer(_get(row, "lSolutions", exp), "lSolutions", exp))
+
+
 def _parse_generic(row: Any, opts: dict) -> Example:
     qf, af, cf = opts["question_field"], opts["answer_field"], opts["cot_field"]
     exp = f"expected keys {qf}, {af}" + (f", {cf}" if cf else "")
@@ -274,6 +289,7 @@ _PARSERS: dict[str, Callable[[Any, dict], Example]] = {
     "gsm-hard": _parse_gsm_hard,
     "svamp": _parse_svamp,
     "multiarith": _parse_multiarith,
+    "mawps": _parse_mawps,
     "generic": _parse_generic,
 }
 
@@ -420,6 +436,8 @@ def _format_from_row(row: Any, opts: dict) -> str | None:
         return "svamp"
     if {"question", "final_ans"} <= keys:
         return "multiarith"
+    if {"sQuestion", "lSolutions"} <= keys:
+        return "mawps"
     if {"question", "answer"} <= keys and isinstance(row["answer"], str) and "####" in row["answer"]:
         return "gsm8k"
     if {opts["question_field"], opts["answer_field"]} <= keys:
@@ -506,7 +524,7 @@ def load_examples(
                     fields = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
                     raise DataError(
                         f"{source}:{n}: cannot guess the format from fields [{fields}] "
-                        f"(expected the fields of one of {', '.join(FORMATS)}; pass format=...)"
+                        f"(expected the fields of one of {', '.join(FORMATS)}; pass format=..., or --format in kava eval)"
                     )
                 fmt = guessed
             examples.append(_PARSERS[fmt](row, opts))
