@@ -286,21 +286,27 @@ def make_splits(n_train: int, n_test: int, seed: int = 0, style: str = "equation
         raise ValueError(f"make_splits: sizes must be >= 0, got n_train={n_train}, n_test={n_test}")
     if style not in ("equations", "nl"):
         raise ValueError(f"style={style!r}: expected 'equations' or 'nl'")
-    rng = random.Random(seed)
-    seen: set[str] = set()
-    test: list[Example] = []
-    train: list[Example] = []
-    budget = 20 * (n_train + n_test) + 1000
-    while len(test) < n_test or len(train) < n_train:
+    drawn = _distinct_problems(random.Random(seed), n_test + n_train, set(), ranges,
+                               f"make_splits: could not draw {n_train + n_test} distinct problems")
+    examples = [make_example(p, style) for p in drawn]
+    return examples[n_test:], examples[:n_test]
+
+
+def _distinct_problems(rng: random.Random, n: int, seen: set[str], ranges: NumberRanges, failure: str) -> list[Problem]:
+    """``n`` problems from ``rng`` whose questions are new to ``seen`` (which grows); RuntimeError(failure)
+    after ``20 n + 1000`` draws."""
+    out: list[Problem] = []
+    budget = 20 * n + 1000
+    while len(out) < n:
         budget -= 1
         if budget < 0:
-            raise RuntimeError(f"make_splits: could not draw {n_train + n_test} distinct problems")
+            raise RuntimeError(failure)
         p = sample_problem(rng, ranges=ranges)
         if p.question in seen:
             continue
         seen.add(p.question)
-        (test if len(test) < n_test else train).append(make_example(p, style))
-    return train, test
+        out.append(p)
+    return out
 
 
 def make_heldout(n: int, exclude: Iterable[Example], seed: int = 0, name: str = "valid",
@@ -312,20 +318,12 @@ def make_heldout(n: int, exclude: Iterable[Example], seed: int = 0, name: str = 
     """
     if n < 0:
         raise ValueError(f"make_heldout: n must be >= 0, got {n}")
-    rng = random.Random(f"{seed}:{name}")
+    if style not in ("equations", "nl"):
+        raise ValueError(f"style={style!r}: expected 'equations' or 'nl'")
     seen = {e.question for e in exclude}
-    out: list[Example] = []
-    budget = 20 * n + 1000
-    while len(out) < n:
-        budget -= 1
-        if budget < 0:
-            raise RuntimeError(f"make_heldout: could not draw {n} problems outside the {len(seen)} excluded")
-        p = sample_problem(rng, ranges=ranges)
-        if p.question in seen:
-            continue
-        seen.add(p.question)
-        out.append(make_example(p, style))
-    return out
+    drawn = _distinct_problems(random.Random(f"{seed}:{name}"), n, seen, ranges,
+                               f"make_heldout: could not draw {n} problems outside the {len(seen)} excluded")
+    return [make_example(p, style) for p in drawn]
 
 
 def write_jsonl(examples: Iterable[Example], path: str | Path) -> Path:
