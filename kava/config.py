@@ -154,16 +154,7 @@ class KavaConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "KavaConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a mapping at top level, got {type(d).__name__}")
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_yaml_mapping(path, "config file"), source=str(path))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -246,6 +237,20 @@ class KavaConfig:
         for key, ok, what in checks:
             if not ok:
                 raise ConfigError(f"{key}={config_value(self, key)!r}: {what}")
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict:
+    """The top-level mapping of a YAML file (empty file: {}); ConfigError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping at top level, got {type(d).__name__}")
+    return d
 
 
 def config_value(cfg: Any, key: str) -> Any:

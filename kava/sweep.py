@@ -45,7 +45,7 @@ from typing import Any, Optional
 
 import yaml
 
-from kava.config import ConfigError, KavaConfig
+from kava.config import ConfigError, KavaConfig, read_yaml_mapping
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +131,7 @@ class SweepSpec:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SweepSpec":
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: sweep spec not found")
-        try:
-            d = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
-        return cls.from_dict(d, source=str(p))
+        return cls.from_dict(read_yaml_mapping(path, "sweep spec"), source=str(path))
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
