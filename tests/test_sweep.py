@@ -383,7 +383,7 @@ def test_warm_key_groups_variants_that_share_the_teacher_only_steps():
     variants = {
         "kava": [], "pccot": ["method=pccot"], "sum": ["loss.kv_reduction=sum"],
         "evict": ["eviction.method=importance", "latent.num_iterations=2"], "ckpt": ["train.save_every=5"],
-        "lr": ["train.lr=0.001"], "wd": ["train.weight_decay_scope=all"], "noproj": ["latent.use_projection=false"],
+        "lr": ["train.lr=0.001"], "wd": ["train.weight_decay_scope=matrices"], "noproj": ["latent.use_projection=false"],
         "tw": ["loss.teacher_weight=0.5"], "batch": ["train.global_batch_size=8", "train.micro_batch_size=8"],
     }
     spec = sweep.SweepSpec.from_dict(json.loads(json.dumps({**SPEC, "variants": variants})))
@@ -423,3 +423,21 @@ def test_curve_groups_pair_variants_that_differ_only_in_steps():
         "d": {"sets": ["method=nocot"], "max_steps": 10},
     }}
     assert curve_groups(report) == {"(base)": [(10, "a"), (20, "b")], "method=nocot": [(10, "d"), (30, "c")]}
+
+
+def test_a_run_trained_under_another_config_is_refused(swept, capsys):
+    """A preset or spec edit after training must not be reported as if the runs had used it."""
+    from kava.cli import main
+
+    spec_path, out = swept
+    # One saved config differs from what the spec gives in train.lr only.
+    cfg_file = out / "seed0" / "kava" / "config.yaml"
+    original = cfg_file.read_text()
+    try:
+        cfg_file.write_text(original.replace("lr: 0.0015", "lr: 0.002"))
+        assert "lr: 0.002" in cfg_file.read_text()
+        assert main(["sweep", str(spec_path), "--output", str(out), "--no-train"]) == 2
+        err = capsys.readouterr().err
+        assert "trained with another config" in err and "train.lr" in err and "Traceback" not in err
+    finally:
+        cfg_file.write_text(original)
