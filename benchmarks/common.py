@@ -572,51 +572,33 @@ def step_passes(L: Lengths, batch: int, M: int, T: int, answer_prompt_len: int, 
 
 
 # ---------------------------------------------------------------------------
-# candidate fixes measured by the benchmarks (the first is now in the library)
+# the trainable-token fixes of docs/perf.md section 5, both now in the library
 # ---------------------------------------------------------------------------
 def merged_token_rows(model: KavaModel):
-    """The library's own fix (``KavaModel.merged_token_rows``; ``generate`` now always uses it)."""
+    """The generation fix (``KavaModel.merged_token_rows``; ``generate`` always uses it)."""
     return model.merged_token_rows()
 
 
-def _row_override_forward(self, x, active_adapters, *args, **kwargs):
-    """TrainableTokensLayer.forward_adapters without the V x D copy: frozen base weight, then the few
-    trainable rows (embedding) / columns (tied LM head) computed from the deltas and written in."""
-    if self.disable_adapters or not active_adapters or self.merged or len(active_adapters) != 1:
-        return _ORIGINAL_FORWARD[0](self, x, active_adapters, *args, **kwargs)
-    name = active_adapters[0]
-    W = self.base_layer.weight
-    index = torch.tensor(self.token_indices[name], device=W.device)
-    delta = self.trainable_tokens_delta[name].to(W)
-    if isinstance(self.base_layer, torch.nn.Embedding):
-        out = self.base_layer(x)
-        lookup = torch.full((W.shape[0],), -1, dtype=torch.long, device=W.device)
-        lookup[index] = torch.arange(len(index), device=W.device)
-        slot = lookup[x]
-        hit = slot >= 0
-        if not bool(hit.any()):
-            return out
-        return torch.where(hit[..., None], delta[slot.clamp_min(0)], out)
-    out = torch.nn.functional.linear(x, W)  # frozen: no weight gradient
-    return out.index_copy(-1, index, torch.nn.functional.linear(x, delta))
+def peft_token_rows(model: KavaModel):
+    """peft's own trainable-token forward (a V x D merged weight per call) for the duration: the path before
+    ``kava/token_rows.py`` became the default, for before/after figures."""
+    from kava.token_rows import peft_token_rows as peft_path
 
-
-_ORIGINAL_FORWARD: list = []
+    return peft_path(model)
 
 
 @contextlib.contextmanager
-def row_override_trainable_tokens():
-    """Training + inference fix candidate: patch peft's TrainableTokensLayer (see _row_override_forward).
-    Unpatched, the tied LM head also computes the dense V x D weight gradient of ``W.index_copy`` in every
-    backward (as many FLOPs as the logits themselves) and the embedding a dense V x D gradient."""
-    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+def old_step_path(model: KavaModel):
+    """The training step as it was before issue 13 items 2-3, for before/after figures: peft's trainable-token
+    forward and a DynamicCache that copies the prefix KV in every latent pass. (The third change, skipping
+    metric-only work off logging steps, is the caller's ``training_loss(..., log_metrics=True)``.)"""
+    import kava.latent
+    from transformers import DynamicCache
 
-    if _ORIGINAL_FORWARD:  # already patched
-        yield
-        return
-    _ORIGINAL_FORWARD.append(TrainableTokensLayer.forward_adapters)
-    TrainableTokensLayer.forward_adapters = _row_override_forward
+    new_cache_from = kava.latent._cache_from
+    kava.latent._cache_from = lambda kv: DynamicCache(ddp_cache_data=kv)
     try:
-        yield
+        with peft_token_rows(model):
+            yield
     finally:
-        TrainableTokensLayer.forward_adapters = _ORIGINAL_FORWARD.pop()
+        kava.latent._cache_from = new_cache_from

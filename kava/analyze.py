@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kava.data import Example
+from kava.eviction import needs_importance
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def kv_similarity(model, examples: Sequence[Example], batch_size: int | None = N
         tb, sb = collate_segments([enc.segments(e) for e in exs[s:s + bs]], enc.pad, cfg)  # as training collates
         tb, sb = tb.to(device), sb.to(device)
         trace = model.latent_reasoning(sb.prefix_ids, sb.prefix_mask)
-        t = model.teacher(tb, capture_importance=cfg.eviction.method in ("rkv", "importance"))
+        t = model.teacher(tb, capture_importance=needs_importance(cfg.eviction.method, cfg.eviction.lam))
         comp = model.compress_teacher_kv(t, gen if device.type == "cpu" else None)
         sk, sv = trace.latent_kv[max(trace.latent_kv)]
         cos = pairwise_kv_cosine(sk, sv, comp.keys, comp.values)

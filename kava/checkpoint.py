@@ -5,6 +5,7 @@ Layout of one checkpoint (``<run>/checkpoints/step-000123/``)::
     config.yaml  kava_meta.json  tokenizer/  adapter/ | model/  projection.safetensors   <- KavaModel.save
     optimizer.safetensors  optimizer.json      tensors of optimizer.state_dict() + the rest as JSON
     scheduler.json                             scheduler.state_dict() as JSON
+    scaler.json                                fp16 runs only: the GradScaler's state (loss scale, growth tracker)
     rng.safetensors  rng.json                  torch CPU/CUDA RNG (uint8 tensors), python ``random``, numpy
     train_state.json                           step, epoch, data position, bad-step counters, data counts
     COMPLETE                                   written last: {"step": ..., "files": {relative path: sha256}}
@@ -263,10 +264,11 @@ def seal(directory: str | Path, **info: Any) -> Path:
 # save
 # ----------------------------------------------------------------------------
 def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, scheduler, train_state: dict,
-                    keep_last: int) -> Path:
+                    keep_last: int, scaler=None) -> Path:
     """Write ``output_dir/checkpoints/step-XXXXXX`` atomically; keep the newest ``keep_last``. -> its path.
 
-    ``model`` is the (unwrapped) :class:`kava.model.KavaModel`.
+    ``model`` is the (unwrapped) :class:`kava.model.KavaModel`; ``scaler`` the fp16 loss scaler
+    (``accelerator.scaler``; None without one).
     """
     root = Path(output_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -279,6 +281,8 @@ def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, schedul
     model.save(tmp)
     _save_state(optimizer.state_dict(), tmp, "optimizer")
     (tmp / "scheduler.json").write_text(json.dumps(flatten_state(scheduler.state_dict(), _no_tensors("scheduler"))))
+    if scaler is not None and scaler.is_enabled():
+        (tmp / "scaler.json").write_text(json.dumps(flatten_state(scaler.state_dict(), _no_tensors("loss scaler"))))
     _save_state(rng_state(), tmp, "rng")
     (tmp / "train_state.json").write_text(json.dumps({**train_state, "step": step}, indent=1))
 
@@ -414,11 +418,16 @@ def load_model_weights(path: Path, model) -> None:
         model.projection.load_state_dict(load_file(path / "projection.safetensors"))
 
 
-def load_checkpoint(path: str | Path, model, optimizer, scheduler, branch: bool = False) -> dict:
-    """Restore model weights, optimizer, scheduler and RNG from a complete checkpoint. -> train_state.
+def load_checkpoint(path: str | Path, model, optimizer, scheduler, branch: bool = False, scaler=None) -> dict:
+    """Restore model weights, optimizer, scheduler, loss scaler and RNG from a complete checkpoint. -> train_state.
 
     ``branch``: the loading run has its own config (an ablation branching off a shared warm start);
-    only the keys that shape the parameters must agree.
+    only the keys that shape the parameters must agree, and the optimizer's hyper-parameters (lr, betas,
+    eps, weight decay) and the schedule's base lr are this run's, as ``optimizer`` / ``scheduler`` were
+    built: the checkpoint gives the optimizer's moments and the position in the schedule only.
+    ``scheduler`` is the :class:`torch.optim.lr_scheduler.LambdaLR` of ``kava.train.build_scheduler``.
+    ``scaler``: the fp16 GradScaler; a checkpoint without ``scaler.json`` (no fp16, or an older kava)
+    leaves it at its initial scale.
     """
     p = Path(path)
     reason = verify_checkpoint(p)
@@ -427,8 +436,32 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, branch: bool 
     check_compatible(p, model.cfg, SHAPE_KEYS if branch else MUST_MATCH)
     load_model_weights(p, model)
     if optimizer is not None:
-        optimizer.load_state_dict(_load_state(p, "optimizer"))
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        saved = _load_state(p, "optimizer")
+        ours = [len(g["params"]) for g in optimizer.param_groups]
+        theirs = [len(g["params"]) for g in saved["param_groups"]]
+        if ours != theirs:
+            raise CheckpointError(f"{p}: the checkpoint's optimizer has parameter groups of sizes {theirs}, this run's "
+                                  f"{ours} (train.weight_decay_scope or the trainable parameters differ); refusing to load")
+        optimizer.load_state_dict(saved)
+        if branch:  # a branch trains under its own config: every hyper-parameter as this run built it
+            for group, own in zip(optimizer.param_groups, fresh):
+                group.update(own)
     if scheduler is not None:
-        scheduler.load_state_dict(unflatten_state(json.loads((p / "scheduler.json").read_text()), {}))
+        state = unflatten_state(json.loads((p / "scheduler.json").read_text()), {})
+        if branch and optimizer is not None:
+            # The checkpoint's position in the schedule, this run's peak lr (base_lrs) and schedule (lr_lambdas).
+            base = list(scheduler.base_lrs)
+            lrs = [b * f(state["last_epoch"]) for b, f in zip(base, scheduler.lr_lambdas)]
+            state = {**state, "base_lrs": base, "_last_lr": lrs}
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr
+        scheduler.load_state_dict(state)
+    if scaler is not None and scaler.is_enabled():
+        if (p / "scaler.json").is_file():
+            scaler.load_state_dict(unflatten_state(json.loads((p / "scaler.json").read_text()), {}))
+        else:
+            log.warning("%s holds no loss-scaler state (saved without fp16, or by an older kava): "
+                        "the loss scale starts again at %s", p, scaler.get_scale())
     set_rng_state(_load_state(p, "rng"))
     return json.loads((p / "train_state.json").read_text())

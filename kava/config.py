@@ -204,6 +204,12 @@ class KavaConfig:
     def uses_latents(self) -> bool:
         return self.method in ("kava", "pccot", "codi")
 
+    @property
+    def uses_projection(self) -> bool:
+        """Whether the latent passes read prj: Jacobi with T = 0 feeds only the <latent> embeddings to the answer."""
+        return (self.uses_latents and self.latent.use_projection
+                and (self.latent.mode == "sequential" or self.latent.num_iterations > 0))
+
     def validate(self) -> None:
         checks = [
             ("latent.num_tokens", self.latent.num_tokens >= 1, "must be >= 1"),

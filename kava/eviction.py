@@ -46,6 +46,11 @@ class CompressedKV:
         return self.slot_mask.shape[-1]
 
 
+def needs_importance(method: str, lam: float) -> bool:
+    """Whether ``method`` (with ``lam``) reads the teacher's importance: only then is it worth capturing."""
+    return method == "importance" or (method == "rkv" and lam != 0)
+
+
 def _check_shapes(keys: Tensor, importance: Optional[Tensor], valid: Tensor) -> None:
     if keys.dim() not in (4, 5):
         raise ValueError(f"keys: expected shape [B, H, N, d] or [B, L, H, N, d], got {tuple(keys.shape)}")
@@ -150,7 +155,7 @@ def compress_kv(keys: Tensor, values: Tensor, importance: Optional[Tensor], vali
     if values.shape[:-1] != keys.shape[:-1]:
         raise ValueError(f"values: expected shape {tuple(keys.shape[:-1]) + ('d_v',)} to match keys, "
                          f"got {tuple(values.shape)}")
-    if method == "importance" or (method == "rkv" and lam != 0):
+    if needs_importance(method, lam):
         if importance is None:
             raise ValueError(f"importance: required (shape {tuple(keys.shape[:-1])}) for method={method!r}")
     valid = valid.to(device=keys.device, dtype=torch.bool)

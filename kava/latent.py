@@ -55,7 +55,19 @@ class QuestionState:
 
 
 def _cache_from(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    return DynamicCache(ddp_cache_data=kv)
+    """A DynamicCache that holds the given per-layer (K, V) tensors themselves.
+
+    ``DynamicCache(ddp_cache_data=kv)`` would copy every layer's prefix KV (its first ``update`` concatenates
+    it onto an empty tensor) in every Jacobi iteration; the prefix never changes, so the layers reference it.
+    The layer's own ``update`` still concatenates the new slots (one contiguous K/V for the attention kernel);
+    that copy cannot go to a preallocated static buffer in training, as each iteration's attention saves its
+    K/V for backward and an in-place write of the next iteration's slots would invalidate them.
+    """
+    cache = DynamicCache(ddp_cache_data=[(None, None)] * len(kv))  # empty DynamicLayers, one per layer
+    for layer, (k, v) in zip(cache.layers, kv):
+        layer.lazy_initialization(k, v)  # device/dtype bookkeeping, as update() does
+        layer.keys, layer.values = k, v
+    return cache
 
 
 def _split_cache(cache: DynamicCache, at: int) -> tuple[list, tuple[torch.Tensor, torch.Tensor]]:
@@ -124,9 +136,12 @@ def run_latents(
         h_bot = question.last_hidden[:, None]
     prefix_kv, kv = _split_cache(cache, Nq)
     latent_kv = {0: kv}
+    consumed = latent_emb
+    if num_iterations == 0 and not keep_history:
+        # T = 0: the answer reads pass 0's KV; z^0 would feed nothing (and leave prj out of the loss graph).
+        return LatentTrace(consumed, latent_kv, cache, full_mask, n_valid + M, 1, history)
     # z^0_1 = prj(h at <bot>); z^0_i = prj(h at slot i-1).
     z = project(torch.cat([h_bot, h_slots[:, : M - 1]], dim=1))
-    consumed = latent_emb
     if keep_history:
         history.append(z)
     for t in range(1, num_iterations + 1):

@@ -9,6 +9,7 @@ always detached here, so callers need not remember to.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -116,12 +117,32 @@ def kv_loss(student_k: Tensor, student_v: Tensor, teacher_k: Tensor, teacher_v: 
     return 0.5 * (one(student_k, teacher_k) + one(student_v, teacher_v))
 
 
+@dataclass(frozen=True)
+class LossShares:
+    """One micro-batch's part of the step's global batch, per term: its count over the global batch's.
+
+    With these weights each term is a sum over the micro-batch divided by the global count, so summing the
+    micro-batch losses of a step (gradient accumulation, and over processes) gives the full-batch mean:
+    CE per labelled token, L_CODI per example, L_KV per valid slot. The teacher-std normalisers of
+    L_CODI / L_KV stay statistics of the micro-batch (docs/design.md, "Gradient accumulation").
+    """
+
+    ce_student: float = 1.0  # labelled student tokens here / in the global batch
+    ce_teacher: float = 1.0  # labelled teacher tokens
+    codi: float = 1.0  # examples
+    kv: float = 1.0  # valid (example, slot) pairs of the compressed teacher KV
+
+
 def total_loss(*, ce_student: Optional[Tensor], ce_teacher: Optional[Tensor],
                student_h: Optional[Tensor], teacher_h: Optional[Tensor],
                latent_kv: Optional[dict[int, tuple[Tensor, Tensor]]],
                teacher_kv: Optional[CompressedKV], cfg: LossCfg,
-               student_weight: float = 1.0) -> tuple[Tensor, dict[str, float]]:
+               student_weight: float = 1.0, shares: Optional[LossShares] = None) -> tuple[Tensor, dict[str, float]]:
     """Total training loss and its metrics.
+
+    shares: this micro-batch's part of the global batch per term (:class:`LossShares`); each term, and its
+    metric, is multiplied by its share, so the sum over a step's micro-batches is the full-batch value.
+    None: every share is 1 (the micro-batch is the whole batch).
 
     student_weight scales the student terms (CE_student, a1 * L_CODI, a2 * L_KV) and not the teacher CE:
     ``L = s * (CE_student + a1 L_CODI + a2 L_KV) + w_t CE_teacher`` (the ramp after a teacher-only curriculum).
@@ -149,10 +170,11 @@ def total_loss(*, ce_student: Optional[Tensor], ce_teacher: Optional[Tensor],
         # nullcontext, not enable_grad: an outer no_grad (validation) must still win.
         return contextlib.nullcontext() if weight != 0 else torch.no_grad()
 
+    sh = shares if shares is not None else LossShares()
     codi = zero
     if student_h is not None and teacher_h is not None:
         with maybe_grad(cfg.alpha_codi):
-            codi = codi_loss(student_h, teacher_h, cfg.codi_loss, cfg.codi_layerwise_std)
+            codi = codi_loss(student_h, teacher_h, cfg.codi_loss, cfg.codi_layerwise_std) * sh.codi
 
     kv, iters = zero, {}
     if latent_kv and teacher_kv is not None:
@@ -162,11 +184,11 @@ def total_loss(*, ce_student: Optional[Tensor], ce_teacher: Optional[Tensor],
             k, v = latent_kv[t]
             with maybe_grad(cfg.alpha_kv if t in supervised else 0.0):
                 iters[t] = kv_loss(k, v, teacher_kv.keys, teacher_kv.values, teacher_kv.slot_mask,
-                                   cfg.kv_loss, cfg.kv_layerwise_std, cfg.kv_reduction)
+                                   cfg.kv_loss, cfg.kv_layerwise_std, cfg.kv_reduction) * sh.kv
         kv = torch.stack([iters[t] for t in supervised]).mean()
 
-    ce_s = ce_student if ce_student is not None else zero
-    ce_t = ce_teacher if ce_teacher is not None else zero
+    ce_s = ce_student * sh.ce_student if ce_student is not None else zero
+    ce_t = ce_teacher * sh.ce_teacher if ce_teacher is not None else zero
     student = ce_s
     if cfg.alpha_codi != 0:
         student = student + cfg.alpha_codi * codi

@@ -29,10 +29,11 @@ from kava.config import OFFLINE_SMOLLM2, ConfigError, KavaConfig, config_value
 from kava.data import Example
 from kava.data.collate import IGNORE, SegmentEncoder, StudentBatch, TeacherBatch, pad_rows, positions_from_mask
 from kava.data.collate import make_batches as collate_examples
-from kava.eviction import CompressedKV, compress_kv
+from kava.eviction import CompressedKV, compress_kv, needs_importance
 from kava.latent import LatentTrace, QuestionState, run_latents
 from kava.rope import rotary_inv_freq, rotate_keys, slot_shifts
-from kava.losses import total_loss
+from kava.losses import LossShares, total_loss
+from kava.token_rows import use_row_forward
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,15 @@ def masked_ce(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) ->
     return F.cross_entropy(logits.float(), targets[where])
 
 
+def supervised_kv(latent_kv: dict, kv_supervision: str) -> dict:
+    """The iterations of ``latent_kv`` whose KV loss ``losses.total_loss`` trains on (``last``: the largest key;
+    ``all``: keys >= 1, or the only key 0); the others' KV losses are metrics only. total_loss, given this subset,
+    picks the same iterations, so the loss is unchanged (tests/test_model.py)."""
+    last = max(latent_kv)
+    keep = [last] if kv_supervision == "last" else [t for t in latent_kv if t >= 1] or [last]
+    return {t: latent_kv[t] for t in keep}
+
+
 def question_from_teacher(cache, last_hidden: torch.Tensor, prefix_mask: torch.Tensor) -> QuestionState:
     """The teacher's ``Q <bot>`` KV and <bot> hidden state, moved to the student's left-padded layout.
 
@@ -118,6 +128,7 @@ class KavaModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.lm = lm  # PeftModel or plain PreTrainedModel
+        use_row_forward(lm)  # the new-token rows without peft's V x D copy per call (kava/token_rows.py)
         self.tokenizer = tokenizer
         self.special_ids = special_ids
         self.encoder = SegmentEncoder(tokenizer, special_ids, cfg.data.answer_prompt)
@@ -386,14 +397,23 @@ class KavaModel(nn.Module):
 
     def training_loss(self, teacher: list[Example] | TeacherBatch | None, student: StudentBatch | None = None,
                       generator: torch.Generator | None = None, teacher_only: bool = False,
-                      student_weight: float = 1.0):
+                      student_weight: float = 1.0, log_metrics: bool = True, shares: LossShares | None = None):
         """-> (loss, metrics). Which terms exist depends on ``cfg.method``.
 
         teacher: a list of :class:`~kava.data.Example` (collated here with :meth:`make_batches`; leave
         ``student`` out), or the collated TeacherBatch (None for nocot) and ``student`` the StudentBatch
         (None for cot and teacher-only steps). generator: random eviction draws. ``teacher_only``: the
         teacher CE alone (the CoT curriculum). ``student_weight`` scales the student terms of the KaVa loss
-        (``losses.total_loss``). ``model(...)`` (``forward``) is the same call.
+        (``losses.total_loss``). ``shares``: this micro-batch's part of the step's global batch per term
+        (:class:`~kava.losses.LossShares`; training passes them so that gradient accumulation gives the
+        full-batch objective); None: the batch is the whole batch. ``model(...)`` (``forward``) is the same call.
+
+        ``log_metrics=False`` skips the work whose only product is a metric: the KV losses of the latent
+        iterations the loss does not supervise (``kv_loss_iter_{t}`` then exists for the supervised ones only),
+        and with ``loss.alpha_kv=0`` (pccot, codi) the importance capture, the compression and the KV loss
+        (``kv`` reads 0). The loss and every gradient are the same (tests/test_model.py); a training loop passes
+        False off its logging steps. Importance is captured only when ``eviction`` reads it (rkv with lam > 0,
+        importance), either way.
         """
         if isinstance(teacher, Example):
             teacher = [teacher]
@@ -408,18 +428,24 @@ class KavaModel(nn.Module):
         if method == "cot" or teacher_only:
             t = self.teacher(teacher, capture_importance=False)
             return total_loss(ce_student=None, ce_teacher=t.ce, student_h=None, teacher_h=None,
-                              latent_kv={}, teacher_kv=None, cfg=cfg.loss)
+                              latent_kv={}, teacher_kv=None, cfg=cfg.loss, shares=shares)
         if method == "nocot":
             s = self.student(student, use_latents=False)
             return total_loss(ce_student=s.ce, ce_teacher=None, student_h=None, teacher_h=None,
-                              latent_kv={}, teacher_kv=None, cfg=cfg.loss)
-        t = self.teacher(teacher, capture_importance=cfg.eviction.method in ("rkv", "importance"),
+                              latent_kv={}, teacher_kv=None, cfg=cfg.loss, shares=shares)
+        ev = cfg.eviction
+        kv_needed = cfg.loss.alpha_kv != 0 or log_metrics  # with alpha_kv = 0 the KV loss is a metric only
+        t = self.teacher(teacher, capture_importance=kv_needed and needs_importance(ev.method, ev.lam),
                          question_mask=student.prefix_mask if cfg.train.share_question_pass else None)
         s = self.student(student, question=t.question)
-        compressed = self.compress_teacher_kv(t, generator)
+        latent_kv, compressed = {}, None
+        if kv_needed:
+            compressed = self.compress_teacher_kv(t, generator)
+            latent_kv = s.trace.latent_kv if log_metrics else supervised_kv(s.trace.latent_kv, cfg.loss.kv_supervision)
         return total_loss(
             ce_student=s.ce, ce_teacher=t.ce, student_h=s.hidden, teacher_h=t.hidden,
-            latent_kv=s.trace.latent_kv, teacher_kv=compressed, cfg=cfg.loss, student_weight=student_weight,
+            latent_kv=latent_kv, teacher_kv=compressed, cfg=cfg.loss, student_weight=student_weight,
+            shares=shares,
         )
 
     def forward(self, *args, **kwargs):
@@ -435,8 +461,9 @@ class KavaModel(nn.Module):
     def merged_token_rows(self):
         """Write peft's trainable-token rows into the embedding for the duration (restored after).
 
-        Unmerged, every embedding / tied-LM-head call copies the whole V x D matrix (peft's
-        ``get_merged_weights``): a third of batch-1 decoding time (docs/perf.md).
+        Merged, every decode step is a plain embedding / linear call. Unmerged, peft's own forward copied the
+        whole V x D matrix per call, a third of batch-1 decoding time (docs/perf.md); the row forward of
+        ``kava/token_rows.py`` does not, but still adds a few small ops per call.
         """
         from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 

@@ -54,9 +54,11 @@ from kava.checkpoint import (
 )
 from kava.config import ConfigError, KavaConfig
 from kava.data import Example
+from kava.data.collate import IGNORE
 from kava.data.collate import make_batches as collate_examples
 from kava.data.filters import apply_filters, format_counts
 from kava.data.formats import BENCHMARKS, DataError, load_examples
+from kava.losses import LossShares
 
 # The presets ship inside the package (kava/presets/*.yaml, sweep specs in kava/presets/sweeps/), so that an
 # installed wheel has them too.
@@ -102,6 +104,7 @@ class TrainState:
     examples_seen: int = 0
     bad_steps_total: int = 0
     consecutive_bad_steps: int = 0
+    overflow_steps_total: int = 0  # fp16: updates the loss scaler skipped on overflowing gradients (not bad steps)
     max_steps: int = 0
     steps_per_epoch: int = 0
     n_train: int = 0
@@ -182,6 +185,11 @@ def run_training(cfg: KavaConfig, output_dir: str | Path, resume: str | Path | N
 
     kava.to(accelerator.device)
     optimizer = build_optimizer(cfg, kava)
+    if cfg.uses_latents and not cfg.uses_projection:
+        # Jacobi with T = 0 never reads prj. Frozen, DDP does not wait for its gradients (it would raise on the
+        # second step); kept in the optimizer (no gradient, no update), so the parameter groups, and thus
+        # checkpoints and --init-from, are the same as with T > 0.
+        kava.projection.requires_grad_(False)
     steps_per_epoch = math.ceil(len(train) / cfg.train.global_batch_size)
     max_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
     scheduler = build_scheduler(cfg, optimizer, max_steps)
@@ -198,7 +206,8 @@ def run_training(cfg: KavaConfig, output_dir: str | Path, resume: str | Path | N
                        data_counts=report["train"]["filters"])
     if checkpoint is not None or branch is not None:
         source = checkpoint or branch
-        saved = TrainState.from_dict(load_checkpoint(source, kava, optimizer, scheduler, branch=branch is not None))
+        saved = TrainState.from_dict(load_checkpoint(source, kava, optimizer, scheduler, branch=branch is not None,
+                                                     scaler=accelerator.scaler))
         check_resumable(saved, state, source)
         if branch is not None and saved.step >= max_steps:
             raise CheckpointError(f"{source}: checkpoint is at step {saved.step}, not before this run's last step {max_steps}")
@@ -399,29 +408,73 @@ def make_batches(cfg: KavaConfig, encoder, examples: list[Example], device, teac
 class StepResult:
     loss: float
     grad_norm: float
-    finite: bool
+    skipped: bool  # no update was applied
+    overflow: bool  # skipped by the fp16 loss scaler on overflowing gradients at a finite loss (not a bad step)
     metrics: dict[str, float]
 
 
+def ce_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Tokens a CE term averages over: the labelled positions ``model.masked_ce`` predicts (a 0-dim tensor)."""
+    return (labels[:, 1:] != IGNORE).sum()
+
+
+def micro_batch_shares(cfg: KavaConfig, batches: list, accelerator) -> list[LossShares]:
+    """Each micro-batch's :class:`~kava.losses.LossShares` of the step's global batch.
+
+    ``batches``: this process's micro-batches, [(TeacherBatch | None, StudentBatch | None)]. A share is the
+    micro-batch's count (labelled student / teacher tokens, examples, valid KV slots) over that count summed
+    over every process's micro-batches (one all-reduce, one device sync).
+    """
+    m = cfg.latent.num_tokens
+    rows = []
+    for teacher, student in batches:
+        ids = teacher.input_ids if teacher is not None else student.prefix_ids  # [B, N], long
+        zero = ids.new_zeros(())
+        rows.append(torch.stack([
+            ce_targets(student.suffix_labels) if student is not None else zero,
+            ce_targets(teacher.labels) if teacher is not None else zero,
+            zero + ids.shape[0],
+            # compress_kv keeps min(M, CoT length) entries of each example
+            teacher.cot_valid.long().sum(-1).clamp_max(m).sum() if teacher is not None else zero,
+        ]))
+    local = torch.stack(rows)
+    total = local.sum(0)
+    if accelerator.num_processes > 1:
+        total = accelerator.reduce(total, reduction="sum")
+    local, total = local.cpu().double(), total.cpu().double()
+    shares = torch.where(total > 0, local / total.clamp_min(1), 0.0)
+    return [LossShares(*row) for row in shares.tolist()]
+
+
 def train_step(run: Run, step: int) -> StepResult:
-    """Forward/backward over this process's micro-batches of global batch ``step``, then one guarded update."""
+    """Forward/backward over this process's micro-batches of global batch ``step``, then one guarded update.
+
+    Each micro-batch's loss is its share of the global batch's objective (:func:`micro_batch_shares`): CE per
+    labelled token, L_CODI per example, L_KV per valid slot, so the accumulated gradient does not depend on
+    ``train.micro_batch_size`` or the number of processes (up to the teacher-std normalisers, docs/design.md).
+    """
     cfg, acc, st = run.cfg, run.accelerator, run.state
     t = cfg.train
     teacher_only = step < t.curriculum_cot_steps
     weight = student_weight_at(step, t.curriculum_cot_steps, t.curriculum_ramp_steps)
     indices = global_batch(len(run.train), step, st.steps_per_epoch, t.global_batch_size, t.seed)
     mine = my_micro_batches(indices, t.micro_batch_size, acc.process_index, acc.num_processes)
+    batches = [make_batches(cfg, run.kava.encoder, [run.train[i] for i in idx], acc.device, teacher_only)
+               for _, idx in mine]
+    shares = micro_batch_shares(cfg, batches, acc)
+    # Metric-only work (unsupervised iterations' KV losses, KV terms at alpha_kv = 0) runs at fit's logging steps.
+    log_step = (step + 1) % t.log_every == 0 or step == 0 or step + 1 == st.max_steps
     sums: dict[str, float] = {}
     loss_sum = torch.zeros((), device=acc.device)
-    for k, (j, idx) in enumerate(mine):
+    for k, ((j, _), (teacher, student), share) in enumerate(zip(mine, batches, shares)):
         torch.manual_seed(micro_seed(t.seed, step, j))  # dropout
         generator = torch.Generator().manual_seed(micro_seed(t.seed, step, j) + 1)  # random eviction
-        teacher, student = make_batches(cfg, run.kava.encoder, [run.train[i] for i in idx], acc.device, teacher_only)
         sync = k == len(mine) - 1
         with contextlib.nullcontext() if sync else acc.no_sync(run.model):
-            loss, metrics = run.model(teacher, student, generator, teacher_only, weight)
-            # Mean over this process's micro-batches; DDP then averages over processes.
-            acc.backward(loss / len(mine))
+            loss, metrics = run.model(teacher, student, generator, teacher_only, weight, shares=share,
+                                      log_metrics=log_step)
+            # The shares sum to 1 over every process's micro-batches; DDP averages gradients over processes.
+            acc.backward(loss * acc.num_processes)
         loss_sum += loss.detach().float()
         for key, v in metrics.items():
             sums[key] = sums.get(key, 0.0) + float(v)
@@ -429,19 +482,37 @@ def train_step(run: Run, step: int) -> StepResult:
     params = [p for p in run.model.parameters() if p.requires_grad]
     grad_norm = acc.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
     keys = sorted(sums)
-    local = torch.tensor([loss_sum.item()] + [sums[k] for k in keys], device=acc.device) / len(mine)
-    mean = acc.reduce(local, reduction="mean") if acc.num_processes > 1 else local
-    loss_value = float(mean[0])
+    local = torch.tensor([loss_sum.item()] + [sums[k] for k in keys], device=acc.device)
+    total = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local  # metrics are shares too
+    loss_value = float(total[0])
     grad_value = float(grad_norm) if grad_norm is not None else 0.0
-    finite = math.isfinite(loss_value) and math.isfinite(grad_value)
-    if finite:
+    extra = {}
+    scaler = acc.scaler  # fp16 only
+    if scaler is None:
+        skipped = not (math.isfinite(loss_value) and math.isfinite(grad_value))
+        if not skipped:
+            run.optimizer.step()
+        overflow = False
+    elif math.isfinite(loss_value):
+        scale = scaler.get_scale()
+        # The scaler skips the update itself when the (unscaled) gradients hold inf/NaN, and backs off its scale.
         run.optimizer.step()
+        skipped = run.optimizer.step_was_skipped
+        # At a scale <= 1 the overflow is not the scaler's doing: count it as a bad step.
+        overflow = skipped and scale > 1.0
+        extra["loss_scale"] = scaler.get_scale()
+    else:
+        # No update; update() still closes this step's unscale_ (clipping called it), or the next would raise.
+        scaler.update()
+        skipped, overflow = True, False
+        extra["loss_scale"] = scaler.get_scale()
     run.optimizer.zero_grad(set_to_none=True)
     with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
         run.scheduler.step()  # a skipped step still uses up its place in the schedule (and its batch)
-    return StepResult(loss=loss_value, grad_norm=grad_value, finite=finite,
-                      metrics={**{k: float(v) for k, v in zip(keys, mean[1:].tolist())}, "student_weight": weight})
+    return StepResult(loss=loss_value, grad_norm=grad_value, skipped=skipped, overflow=overflow,
+                      metrics={**{k: float(v) for k, v in zip(keys, total[1:].tolist())}, **extra,
+                               "student_weight": weight})
 
 
 # ============================================================================
@@ -464,18 +535,21 @@ def fit(run: Run, stop_after_steps: int | None = None) -> Path:
             st.step += 1
             st.epoch, st.batch_in_epoch = divmod(st.step, st.steps_per_epoch)
             st.examples_seen += t.global_batch_size
-            if res.finite:
+            if not res.skipped:
                 st.consecutive_bad_steps = 0
+            elif res.overflow:  # the fp16 loss scaler at work (typical in the first steps): not a bad step
+                st.overflow_steps_total += 1
             else:
                 st.bad_steps_total += 1
                 st.consecutive_bad_steps += 1
                 _warn(f"step {st.step}: non-finite loss ({res.loss}) or gradient norm ({res.grad_norm}); optimizer step "
                       f"skipped ({st.consecutive_bad_steps} in a row, {st.bad_steps_total} in total)", acc)
             record = {"step": st.step, "epoch": st.step / st.steps_per_epoch, "lr": lr, **res.metrics,
-                      "loss": res.loss, "grad_norm": res.grad_norm, "skipped": not res.finite,
+                      "loss": res.loss, "grad_norm": res.grad_norm, "skipped": res.skipped, "overflow": res.overflow,
                       "bad_steps": st.consecutive_bad_steps, "bad_steps_total": st.bad_steps_total,
+                      "overflow_steps_total": st.overflow_steps_total,
                       "examples_per_s": t.global_batch_size / max(time.perf_counter() - tic, 1e-9)}
-            if st.step % t.log_every == 0 or st.step == 1 or st.step == st.max_steps or not res.finite:
+            if st.step % t.log_every == 0 or st.step == 1 or st.step == st.max_steps or res.skipped:
                 run.log.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{lr:.2e}")
@@ -506,7 +580,8 @@ def fit(run: Run, stop_after_steps: int | None = None) -> Path:
             run_validation(run)
         if last_saved is None or last_saved.name != step_dir_name(st.step):
             last_saved = save(run)
-    _info(f"done: {st.step} steps, {st.bad_steps_total} skipped; final checkpoint {last_saved}", acc)
+    overflows = f", {st.overflow_steps_total} skipped by the fp16 loss scaler" if st.overflow_steps_total else ""
+    _info(f"done: {st.step} steps, {st.bad_steps_total} skipped{overflows}; final checkpoint {last_saved}", acc)
     return last_saved
 
 
@@ -515,7 +590,7 @@ def save(run: Run) -> Path:
     acc.wait_for_everyone()
     if acc.is_main_process:
         save_checkpoint(run.out, run.state.step, acc.unwrap_model(run.model), run.optimizer, run.scheduler,
-                        asdict(run.state), run.cfg.train.keep_last)
+                        asdict(run.state), run.cfg.train.keep_last, scaler=acc.scaler)
     acc.wait_for_everyone()
     return run.out / CHECKPOINTS / step_dir_name(run.state.step)
 

@@ -242,3 +242,30 @@ def test_state_flattening_round_trips_through_json(state):
     tensors: dict = {}
     structure = json.loads(json.dumps(flatten_state(state, tensors)))
     assert _same(unflatten_state(structure, tensors), state)
+
+
+def test_loss_scaler_state_round_trips(tiny_llama_dir, trained, tmp_path, caplog):
+    """fp16: the GradScaler's scale and growth tracker come back on resume; a checkpoint without them
+    (saved without fp16, or by an older kava) loads and leaves the scaler as it was, with a warning."""
+    model, opt, sched = trained
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=7)
+    scaler.load_state_dict({**scaler.state_dict(), "scale": 2.0**5, "_growth_tracker": 3})
+    path = save_checkpoint(tmp_path / "a", 1, model, opt, sched, {}, keep_last=1, scaler=scaler)
+    plain = save_checkpoint(tmp_path / "b", 1, model, opt, sched, {}, keep_last=1)
+    assert (path / "scaler.json").is_file() and not (plain / "scaler.json").exists()
+
+    fresh, fresh_opt, fresh_sched = build(tiny_llama_dir)
+    restored = torch.amp.GradScaler("cpu")
+    load_checkpoint(path, fresh, fresh_opt, fresh_sched, scaler=restored)
+    assert restored.state_dict() == scaler.state_dict() and restored.get_scale() == 2.0**5
+
+    untouched = torch.amp.GradScaler("cpu", init_scale=2.0**9)
+    with caplog.at_level(logging.WARNING):
+        load_checkpoint(plain, fresh, fresh_opt, fresh_sched, scaler=untouched)
+    assert untouched.get_scale() == 2.0**9 and any("no loss-scaler state" in r.getMessage() for r in caplog.records)
+
+
+def test_branch_refuses_other_parameter_groups(tiny_llama_dir, run_dir):
+    model, opt, sched = build(tiny_llama_dir, **{"train.weight_decay_scope": "all"})  # 1 group; the checkpoint has 2
+    with pytest.raises(ConfigError, match="train.weight_decay_scope"):
+        load_checkpoint(run_dir / "checkpoints" / "step-000002", model, opt, sched, branch=True)

@@ -35,6 +35,26 @@ def step_losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in recs if "loss" in r]
 
 
+def two_processes(cfg, out: Path, tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2 -m kava.train`` (gloo on the CPU, through accelerate)."""
+    cfg_file = tmp_path / "run.yaml"
+    cfg.to_yaml(cfg_file)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "kava.train", "--config", str(cfg_file), "--output", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def one_process(cfg, out: Path) -> Path:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_training(cfg, out)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_two_processes_match_one_process(tiny_llama_dir, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text(rows(10))
@@ -43,20 +63,8 @@ def test_two_processes_match_one_process(tiny_llama_dir, tmp_path):
         "data.train_path": str(data), "train.max_steps": 3, "train.global_batch_size": 4, "train.micro_batch_size": 1,
         "train.log_every": 1, "train.warmup_ratio": 0.0, "train.lr": 1e-2, "lora.dropout": 0.0,
     })
-    cfg_file = tmp_path / "run.yaml"
-    cfg.to_yaml(cfg_file)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "kava.train", "--config", str(cfg_file), "--output", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        one = run_training(cfg, tmp_path / "one")
-    finally:
-        torch.set_num_threads(before)
+    two_processes(cfg, tmp_path / "two", tmp_path)
+    one = one_process(cfg, tmp_path / "one")
 
     two = tmp_path / "two" / "checkpoints" / "step-000003"
     assert json.loads((two / "train_state.json").read_text())["world_size"] == 2
@@ -73,3 +81,28 @@ def test_two_processes_match_one_process(tiny_llama_dir, tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_two_processes_train_with_no_jacobi_iteration(tiny_llama_dir, tmp_path):
+    """latent.num_iterations=0 (an ablation): prj feeds nothing, so it is neither run nor trained, and DDP
+    (which raised on the second step, waiting for prj's gradients) trains as one process does."""
+    from kava.model import KavaModel
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(rows(8))
+    cfg = tiny_config(tiny_llama_dir, **{
+        "data.train_path": str(data), "train.max_steps": 2, "train.global_batch_size": 2, "train.micro_batch_size": 1,
+        "train.log_every": 1, "train.warmup_ratio": 0.0, "train.lr": 1e-2, "lora.dropout": 0.0,
+        "latent.num_iterations": 0,
+    })
+    two_processes(cfg, tmp_path / "two", tmp_path)
+    one = one_process(cfg, tmp_path / "one")
+    a, b = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert [s for s, _ in b] == [1, 2]
+    for (_, la), (_, lb) in zip(a, b):
+        assert abs(la - lb) < 1e-4, (a, b)
+    # prj keeps its initial values; the checkpoint still holds it, as a T > 0 branch needs.
+    init = KavaModel.from_config(cfg).projection.state_dict()
+    for ckpt in (one, tmp_path / "two" / "checkpoints" / "step-000002"):
+        saved = KavaModel.load(ckpt).projection.state_dict()
+        assert saved.keys() == init.keys() and all(torch.equal(saved[k], init[k]) for k in init)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kava.eviction import METHODS, ORDERS, CompressedKV, compress_kv, rkv_scores
+from kava.eviction import METHODS, ORDERS, CompressedKV, compress_kv, needs_importance, rkv_scores
 
 # ---------------------------------------------------------------------------
 # Slow reference: plain python loops over example, layer, head and positions.
@@ -292,3 +292,27 @@ def test_bad_shapes_raise_naming_the_argument():
         compress_kv(keys, values, importance, valid, BUDGET, order="random")
     with pytest.raises(ValueError, match=r"importance: expected shape \[B, L, H, N\]"):
         rkv_scores(keys.unsqueeze(1), importance, valid, 0.1)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("lam", [0.0, 0.1, 1.0])
+def test_needs_importance_says_when_the_selection_reads_it(method, lam):
+    """Where needs_importance is False the kept entries do not depend on the importance (so training need not
+    capture it); where it is True they do, and compress_kv refuses None."""
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(2, 3, 9, 4, generator=g), torch.randn(2, 3, 9, 4, generator=g)
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, 6:] = False
+    imp = torch.rand(2, 3, 9, generator=g)
+
+    def kept(importance):
+        gen = torch.Generator().manual_seed(1)
+        return compress_kv(keys, values, importance, valid, 4, lam=lam, method=method, generator=gen).index
+
+    if needs_importance(method, lam):
+        with pytest.raises(ValueError, match="importance"):
+            kept(None)
+        # A reversed importance ranking changes the pick (this data is chosen so that it does).
+        assert not torch.equal(kept(imp), kept(1 - imp))
+    else:
+        assert torch.equal(kept(None), kept(imp))

@@ -8,7 +8,7 @@ import torch
 
 from kava.config import LossCfg
 from kava.eviction import CompressedKV
-from kava.losses import codi_loss, kv_loss, total_loss
+from kava.losses import LossShares, codi_loss, kv_loss, total_loss
 
 # ---------------------------------------------------------------------------
 # codi_loss
@@ -361,3 +361,38 @@ def test_total_kv_reduction_sum_scales_the_kv_metric(supervision):
     # the config key reaches total_loss through a --set override too
     via_cfg = KavaConfig().override([f"loss.kv_supervision={supervision}", "loss.kv_reduction=sum"]).loss
     assert total_loss(**_setup(), cfg=via_cfg)[1]["kv"] == pytest.approx(summed["kv"], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# shares: gradient accumulation over micro-batches
+# ---------------------------------------------------------------------------
+def test_shares_scale_each_term_and_its_metric():
+    cfg = LossCfg(alpha_codi=10.0, alpha_kv=2.0, teacher_weight=0.5)
+    _, plain = total_loss(**_setup(), cfg=cfg)
+    f = {"ce_student": 0.5, "ce_teacher": 0.25, "codi": 0.2, "kv": 0.1}
+    loss, m = total_loss(**_setup(), cfg=cfg, shares=LossShares(**f))
+    for key, share in f.items():
+        assert m[key] == pytest.approx(plain[key] * share, rel=1e-6)
+    for t in range(4):
+        assert m[f"kv_loss_iter_{t}"] == pytest.approx(plain[f"kv_loss_iter_{t}"] * f["kv"], rel=1e-6)
+    assert loss.item() == pytest.approx(m["ce_student"] + 0.5 * m["ce_teacher"] + 10 * m["codi"] + 2 * m["kv"], rel=1e-6)
+    assert total_loss(**_setup(), cfg=cfg, shares=LossShares())[1] == plain
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_kv_halves_weighted_by_valid_slots_sum_to_the_full_batch(reduction):
+    """Without the std normaliser, two micro-batches weighted by their share of valid slots give the full
+    batch's KV loss and gradient, although they hold different numbers of valid slots (3 + 2 vs 1 + 0)."""
+    g = torch.Generator().manual_seed(3)
+    B, L, H, M, d = 4, 2, 2, 3, 4
+    sk, sv = (torch.randn(B, L, H, M, d, generator=g).requires_grad_(True) for _ in range(2))
+    tk, tv = (torch.randn(B, L, H, M, d, generator=g) for _ in range(2))
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    full = kv_loss(sk, sv, tk, tv, mask, layerwise_std=False, reduction=reduction)
+    (g_full,) = torch.autograd.grad(full, sk)
+    n = mask.sum()
+    parts = sum(kv_loss(sk[i], sv[i], tk[i], tv[i], mask[i], layerwise_std=False, reduction=reduction) * (mask[i].sum() / n)
+                for i in (slice(0, 2), slice(2, 4)))
+    (g_parts,) = torch.autograd.grad(parts, sk)
+    assert parts.item() == pytest.approx(full.item(), rel=1e-6)
+    torch.testing.assert_close(g_parts, g_full)

@@ -338,3 +338,120 @@ def test_forward_pass_count(tiny_llama_dir):
         assert g.forward_passes == 1 + 2 + g.tokens
     for g in model.generate([e.question for e in EXAMPLES], mode="cot", max_new_tokens=4):
         assert g.forward_passes == g.tokens
+
+
+# ---- no work that nothing uses (issue 13, item 3) -----------------------------------------------------------
+SKIP_CASES = {
+    "kava_last": ("kava", {}),                                          # unsupervised iterations' KV losses
+    "kava_all": ("kava", {"loss.kv_supervision": "all"}),               # pass 0's KV loss
+    "pccot": ("pccot", {}),                                             # alpha_kv = 0: no capture, no compression
+    "codi": ("codi", {}),
+    "kava_alpha0": ("kava", {"loss.alpha_kv": 0.0}),
+    "rkv_lam0": ("kava", {"eviction.lam": 0.0}),                        # rkv without importance
+    "importance": ("kava", {"eviction.method": "importance"}),
+    "redundancy": ("kava", {"eviction.method": "redundancy"}),
+    "crop": ("kava", {"eviction.method": "crop"}),
+    "random": ("kava", {"eviction.method": "random"}),
+}
+
+
+@pytest.mark.parametrize("case", list(SKIP_CASES))
+def test_log_metrics_off_skips_unused_work_with_the_same_loss_and_gradients(tiny_llama_dir, case, monkeypatch):
+    """``training_loss(log_metrics=False)`` (off logging steps) computes no importance nobody reads, no compression
+    when the KV loss has weight 0 and no KV loss of an unsupervised iteration; loss, the metrics it still reports
+    and every gradient are bit-identical to the full computation."""
+    import kava.attention
+    import kava.model
+    from kava.eviction import needs_importance
+
+    method, sets = SKIP_CASES[case]
+    model = make_model(tiny_llama_dir, method=method, **{"loss.alpha_codi": 1.0, **sets})
+    model.train()
+    cfg = model.cfg
+    calls = {"record": 0, "compress": 0}
+    record, compress = kava.attention.ImportanceCapture.record, kava.model.compress_kv
+
+    def counting_record(self, *a, **k):
+        calls["record"] += 1
+        return record(self, *a, **k)
+
+    def counting_compress(*a, **k):
+        calls["compress"] += 1
+        return compress(*a, **k)
+
+    monkeypatch.setattr(kava.attention.ImportanceCapture, "record", counting_record)
+    monkeypatch.setattr(kava.model, "compress_kv", counting_compress)
+    tb, sb = batches(model, EXAMPLES)
+    out = {}
+    for flag in (True, False):
+        calls.update(record=0, compress=0)
+        model.zero_grad(set_to_none=True)
+        loss, metrics = model.training_loss(tb, sb, torch.Generator().manual_seed(0), log_metrics=flag)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        out[flag] = (loss.detach(), metrics, grads, dict(calls))
+    (l1, m1, g1, c1), (l0, m0, g0, c0) = out[True], out[False]
+    assert torch.equal(l0, l1)
+    assert g0.keys() == g1.keys() and g1
+    for k in g1:
+        assert torch.equal(g0[k], g1[k]), k
+    kv_weighted = cfg.loss.alpha_kv != 0
+    T = cfg.latent.num_iterations
+    iters = set(range(T + 1)) if cfg.latent.mode == "jacobi" else {T}
+    # Logging steps: every metric, as before.
+    assert {f"kv_loss_iter_{t}" for t in iters} <= m1.keys()
+    assert c1["compress"] == 1 and c1["record"] == (model.num_layers if needs_importance(
+        cfg.eviction.method, cfg.eviction.lam) else 0)
+    # Other steps: only what the loss reads; what is reported equals the full computation's value.
+    supervised = {T} if cfg.loss.kv_supervision == "last" else set(range(1, T + 1))
+    assert {k for k in m0 if k.startswith("kv_loss_iter_")} == ({f"kv_loss_iter_{t}" for t in supervised}
+                                                                  if kv_weighted else set())
+    assert c0["compress"] == int(kv_weighted)
+    assert c0["record"] == (model.num_layers if kv_weighted and needs_importance(
+        cfg.eviction.method, cfg.eviction.lam) else 0)
+    for k in m0:
+        if kv_weighted or k != "kv":
+            assert m0[k] == m1[k], k
+    assert case != "rkv_lam0" or c1["record"] == 0  # lam = 0 never captures importance
+
+
+@pytest.mark.parametrize("mode", ["jacobi", "sequential"])
+def test_prefix_cache_by_reference_gives_the_same_loss_and_gradients(tiny_dir, mode, monkeypatch):
+    """The latent passes reference the prefix KV instead of copying it into a fresh DynamicCache per iteration
+    (``latent._cache_from``): loss, latents and every gradient equal the copying cache's, which was the code before."""
+    import kava.latent
+    from transformers import DynamicCache
+
+    results = []
+    for copy in (True, False):
+        model = make_model(tiny_dir, **{"latent.mode": mode, "loss.alpha_kv": 1.0, "loss.kv_supervision": "all"})
+        model.train()
+        if copy:
+            monkeypatch.setattr(kava.latent, "_cache_from", lambda kv: DynamicCache(ddp_cache_data=kv))
+        else:
+            monkeypatch.undo()
+        tb, sb = batches(model, EXAMPLES)
+        loss, metrics = model.training_loss(tb, sb, torch.Generator().manual_seed(0))
+        loss.backward()
+        with torch.no_grad():
+            latents = model.latent_reasoning(sb.prefix_ids, sb.prefix_mask).latents
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), metrics, grads, latents))
+    (l1, m1, g1, z1), (l0, m0, g0, z0) = results
+    assert torch.equal(l0, l1) and m0 == m1 and torch.equal(z0, z1)
+    assert g0.keys() == g1.keys() and g1
+    for k in g1:
+        assert torch.equal(g0[k], g1[k]), k  # the same values through one concatenation fewer: bit-identical
+
+
+def test_prefix_cache_references_the_prefix_tensors():
+    from kava.latent import _cache_from
+
+    kv = [(torch.randn(2, 2, 5, 4)[..., :3, :], torch.randn(2, 2, 3, 4)) for _ in range(2)]
+    cache = _cache_from(kv)
+    assert cache.get_seq_length() == 3 and len(cache.layers) == 2
+    for layer, (k, v) in zip(cache.layers, kv):
+        assert layer.keys is k and layer.values is v
+    k_new = torch.randn(2, 2, 1, 4)
+    keys, _ = cache.layers[0].update(k_new, k_new)
+    assert torch.equal(keys, torch.cat([kv[0][0], k_new], -2)) and kv[0][0].shape[-2] == 3  # prefix untouched

@@ -187,6 +187,29 @@ def test_branch_off_a_warm_start_equals_training_the_variant_from_scratch(tiny_l
         run_training(variant.override(["latent.use_projection=false"]), tmp_path / "bad", init_from=warm)
 
 
+def test_branch_trains_at_its_own_optimizer_hyperparameters(tiny_llama_dir, data, tmp_path):
+    """--init-from keeps the optimizer's moments and the schedule position, but lr, betas, weight decay
+    and the schedule are the branch's config, not the checkpoint's saved param groups / base_lrs."""
+    common = {"train.curriculum_cot_steps": 2}
+    # The warm start has T = 0 (prj frozen, but still in the optimizer), the branch T = 2: same parameter groups.
+    base = make_cfg(tiny_llama_dir, data, **common, **{"latent.num_iterations": 0})
+    warm = run_training(base, tmp_path / "base", stop_after_steps=2)
+    variant = make_cfg(tiny_llama_dir, data, **common, **{
+        "train.lr": 3e-3, "train.betas": [0.8, 0.99], "train.weight_decay": 0.05, "train.warmup_ratio": 0.5})
+    final = run_training(variant, tmp_path / "branch", init_from=warm)
+    # warm-up ceil(0.5 * 4) = 2 steps, then cosine over 2: steps 3 and 4 run at lr * 1 and lr * 0.5.
+    assert [(r["step"], r["lr"]) for r in step_records(tmp_path / "branch")] == [(3, 3e-3), (4, pytest.approx(1.5e-3))]
+    groups = json.loads((final / "optimizer.json").read_text())["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert all(g["betas"] == {"__tuple__": [0.8, 0.99]} and g["initial_lr"] == 3e-3 for g in groups)
+    assert json.loads((final / "scheduler.json").read_text())["base_lrs"] == [3e-3, 3e-3]
+    # ... and the updates used them: at lr 1e-12 the branch stays at the warm start (the saved lr, 1e-2, moves it).
+    still = trainable(run_training(variant.override(["train.lr=1e-12"]), tmp_path / "still", init_from=warm))
+    start = trainable(warm)
+    for k in start:
+        torch.testing.assert_close(still[k], start[k], rtol=0, atol=1e-9, msg=k)
+
+
 def test_resume_refuses_changed_data_order(straight, tmp_path):
     shutil.copytree(straight["out"] / "checkpoints", tmp_path / "checkpoints")
     cfg = straight["cfg"].override(["train.seed=1"])
@@ -532,3 +555,180 @@ def test_zero_grad_adamw_step_decays_only_matrices(tiny_llama_dir, lora):
         assert torch.equal(named[n], before[n]), n
     for n in decayed:  # AdamW: p <- p * (1 - lr * wd)
         torch.testing.assert_close(named[n].detach(), before[n] * (1 - 0.1 * 0.5), msg=n)
+
+
+# ----------------------------------------------------------------------------
+# mixed precision: the fp16 loss scaler, bf16 autocast
+# ----------------------------------------------------------------------------
+@pytest.fixture
+def fp16_on_cpu(monkeypatch):
+    """Train through accelerate's fp16 code path on the CPU.
+
+    accelerate refuses fp16 without a GPU, so the CPU Accelerator is given what ``mixed_precision="fp16"``
+    gives it on a GPU: fp16 autocast around the model (``native_amp``) and a ``torch.amp.GradScaler`` (the
+    class used on CUDA, here for the CPU), which accelerate uses in ``backward`` (scale), ``clip_grad_norm_``
+    (unscale_) and ``AcceleratedOptimizer.step`` (scaler.step, scaler.update). The scale starts at 2**40,
+    which overflows fp16 gradients at once; one back-off (factor 2**-30) brings it to 2**10.
+    """
+    from accelerate.state import AcceleratorState
+
+    import kava.train as kt
+
+    real = kt.make_accelerator
+
+    def make(cfg):
+        if AcceleratorState._shared_state:  # an earlier run of this test: back to what real() asks for
+            AcceleratorState._shared_state["_mixed_precision"] = "no"
+        acc = real(cfg)
+        monkeypatch.setattr(acc.state, "_mixed_precision", "fp16")  # restored after the test
+        acc.native_amp = True
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-30)
+        return acc
+
+    monkeypatch.setattr(kt, "make_accelerator", make)
+
+
+def initial_trainables(cfg: KavaConfig) -> dict[str, torch.Tensor]:
+    from kava.model import KavaModel
+
+    return {n: p.detach().clone() for n, p in KavaModel.from_config(cfg).named_parameters() if p.requires_grad}
+
+
+def test_fp16_overflow_is_skipped_by_the_scaler_which_backs_off(fp16_on_cpu, tiny_llama_dir, data, tmp_path):
+    cfg = make_cfg(tiny_llama_dir, data, **{"train.max_steps": 3, "train.save_every": 1, "train.keep_last": 5})
+    final = run_training(cfg, tmp_path)  # step 2 raised in unscale_ when step 1 did not reach the scaler
+    steps = step_records(tmp_path)
+    assert [r["skipped"] for r in steps] == [True, False, False]
+    assert [r["overflow"] for r in steps] == [True, False, False]
+    assert [r["loss_scale"] for r in steps] == [2.0**10] * 3  # backed off once, then steady
+    assert all(math.isfinite(r["loss"]) for r in steps) and math.isfinite(steps[1]["grad_norm"])
+    # An overflow is the scaler's business, not a bad step.
+    assert steps[-1]["bad_steps_total"] == 0 and steps[-1]["overflow_steps_total"] == 1
+    ck = tmp_path / "checkpoints"
+    assert_identical(trainable(ck / "step-000001"), initial_trainables(cfg))  # no update at step 1
+    assert not any(torch.equal(a, b) for a, b in zip(trainable(ck / "step-000002").values(),
+                                                     trainable(ck / "step-000001").values()))
+    assert json.loads((final / "scaler.json").read_text())["scale"] == 2.0**10
+    assert json.loads((final / "train_state.json").read_text())["overflow_steps_total"] == 1
+
+
+def test_fp16_resume_restores_the_loss_scale(fp16_on_cpu, tiny_llama_dir, data, tmp_path, caplog):
+    from kava.checkpoint import seal
+
+    cfg = make_cfg(tiny_llama_dir, data, **{"train.max_steps": 3})
+    straight = run_training(cfg, tmp_path / "straight")
+    mid = run_training(cfg, tmp_path / "split", stop_after_steps=1)
+    final = run_training(cfg, tmp_path / "split", resume=mid)
+    # With the scale saved at 2**10 the resumed step 2 does not overflow (a fresh 2**40 would).
+    assert [r["skipped"] for r in step_records(tmp_path / "split")] == [True, False, False]
+    assert_identical(trainable(final), trainable(straight))
+    # A checkpoint without scaler.json (older kava, or saved without fp16) still loads; the scale starts afresh.
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "split" / "checkpoints", old / "checkpoints")
+    (old / "checkpoints" / "step-000001" / "scaler.json").unlink()
+    (old / "checkpoints" / "step-000001" / MARKER).unlink()
+    seal(old / "checkpoints" / "step-000001", step=1)
+    shutil.rmtree(old / "checkpoints" / "step-000003")
+    with caplog.at_level(logging.WARNING):
+        run_training(cfg, old, resume=old / "checkpoints" / "step-000001")
+    assert any("no loss-scaler state" in r.getMessage() for r in caplog.records)
+    assert [(r["step"], r["skipped"]) for r in step_records(old)] == [(2, True), (3, False)]
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one mixed-precision setting per process; let this test choose its own."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_bf16_autocast_trains_on_cpu(fresh_accelerate_state, tiny_llama_dir, data, tmp_path, monkeypatch):
+    from kava.model import KavaModel
+
+    seen = []
+    original = KavaModel.training_loss
+
+    def spy(self, *a, **k):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(KavaModel, "training_loss", spy)
+    cfg = make_cfg(tiny_llama_dir, data, **{"train.max_steps": 2, "train.mixed_precision": "bf16"})
+    final = run_training(cfg, tmp_path)
+    assert seen and set(seen) == {torch.bfloat16}
+    steps = step_records(tmp_path)
+    assert [r["skipped"] for r in steps] == [False, False] and all(math.isfinite(r["loss"]) for r in steps)
+    assert "loss_scale" not in steps[0] and not (final / "scaler.json").exists()
+    after, before = trainable(final), initial_trainables(cfg)
+    assert all(torch.isfinite(w).all() for w in after.values())
+    assert any(not torch.equal(after[k], before[k]) for k in before)
+
+
+# ----------------------------------------------------------------------------
+# gradient accumulation: the step's objective does not depend on micro_batch_size
+# ----------------------------------------------------------------------------
+def one_sgd_step_gradients(cfg: KavaConfig, out: Path) -> tuple[dict[str, torch.Tensor], float]:
+    """The gradient of one training step (plain SGD at lr 1, no clipping: the update is minus the gradient)."""
+    final = run_training(cfg, out)
+    after, before = trainable(final), initial_trainables(cfg)
+    return {k: before[k] - after[k] for k in before}, step_records(out)[0]["loss"]
+
+
+@pytest.mark.parametrize("case", ["distinct", "duplicated"])
+def test_gradient_accumulation_equals_the_full_batch(case, tiny_llama_dir, data, tmp_path, monkeypatch):
+    """One micro-batch of 4 and two of 2 give the same loss and gradient.
+
+    distinct: 4 examples of different lengths, and M above some CoT lengths, so the micro-batches hold
+    different numbers of CE tokens and of valid KV slots; with the std normalisers off (alpha_codi = 0,
+    no layer-wise KV std) the objectives are equal. duplicated: the batch [a, b, a, b], whose micro-batches
+    [a, b] have the global batch's teacher std, with every default term (CODI, layer-wise KV std) on.
+    """
+    import kava.train as kt
+
+    monkeypatch.setattr(kt, "build_optimizer", lambda cfg, model: torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=1.0))
+    common = {"train.max_steps": 1, "train.global_batch_size": 4, "train.grad_clip": 0.0, "lora.dropout": 0.0,
+              "eviction.method": "rkv", "latent.num_tokens": 28}
+    if case == "distinct":
+        rows = [example_row(i) for i in (0, 1, 2, 10)]
+        rows[1]["steps"] = rows[1]["steps"][:1]  # a short CoT: fewer valid KV slots than M
+        rows[3]["question"] = "Yesterday, in the big shop at the corner, " + rows[3]["question"]
+        common.update({"loss.alpha_codi": 0.0, "loss.kv_layerwise_std": False})
+    else:
+        rows = [example_row(0), {**example_row(5), "steps": example_row(5)["steps"][:1]}]
+    train = write_rows(tmp_path / "train.jsonl", rows)
+    cfgs = {m: make_cfg(tiny_llama_dir, data, **common, **{"data.train_path": str(train), "train.micro_batch_size": m})
+            for m in (4, 2)}
+    (g4, loss4), (g2, loss2) = (one_sgd_step_gradients(cfgs[m], tmp_path / f"micro{m}") for m in (4, 2))
+    assert loss2 == pytest.approx(loss4, rel=1e-6, abs=1e-6)
+    assert g4.keys() == g2.keys() and any(g.abs().max() > 1e-3 for g in g4.values())
+    for k in g4:
+        torch.testing.assert_close(g2[k], g4[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("method", ["kava", "pccot"])
+def test_metric_only_work_runs_at_log_steps_and_does_not_change_training(method, tiny_llama_dir, data, tmp_path,
+                                                                        monkeypatch):
+    """log_every=3 skips the unsupervised iterations' KV losses (and PCCoT's KV terms) off logging steps: the
+    trained weights are the same as logging every step, and every logged step has every metric."""
+    import kava.losses
+
+    calls = []
+    real = kava.losses.kv_loss
+    monkeypatch.setattr(kava.losses, "kv_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    common = {"method": method, "eviction.method": "rkv", "loss.kv_supervision": "last"}
+    every = run_training(make_cfg(tiny_llama_dir, data, **common), tmp_path / "every")
+    n_every, calls[:] = len(calls), []
+    sparse = run_training(make_cfg(tiny_llama_dir, data, **common, **{"train.log_every": 3}), tmp_path / "sparse")
+    assert 0 < len(calls) < n_every  # step 2 computes only the supervised KV loss (PCCoT: none)
+    assert_identical(trainable(every), trainable(sparse))
+    logged = {r["step"]: r for r in step_records(tmp_path / "sparse")}
+    assert sorted(logged) == [1, 3, 4]
+    full = {r["step"]: r for r in step_records(tmp_path / "every")}
+    for step, r in logged.items():
+        assert {k for k in r if k.startswith("kv")} == {k for k in full[step] if k.startswith("kv")}
+        assert {"kv", "kv_loss_iter_0"} <= set(r)
+        assert r["loss"] == full[step]["loss"] and r["kv"] == full[step]["kv"]

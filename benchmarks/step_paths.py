@@ -1,0 +1,102 @@
+"""Before/after of issue 13 items 2-3 on CPU: the CoT-SFT and KaVa steps on the old and the new path.
+
+Variants (same model and batch, one optimizer step each, interleaved in one run; see common.py):
+
+  a_old / a_new  CoT-SFT step (``training_loss(..., teacher_only=True)``) with peft's trainable-token forward /
+                 with ``kava/token_rows.py`` (no V x D copy per embedding / tied-head call).
+  b_old          KaVa step as before: peft's token forward, the prefix KV copied into a fresh cache in every
+                 latent pass, every metric computed (``log_metrics=True``, what every step did).
+  b_new          KaVa step off a logging step: row forward, prefix KV by reference, ``log_metrics=False``.
+  b_log          KaVa step at a logging step on the new path (``log_metrics=True``).
+
+    python benchmarks/step_paths.py --teacher-len 512 --repeats 5
+    python benchmarks/step_paths.py --quick
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+
+
+def make_steps(model, tb, sb, grad_clip: float = 2.0):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-7, weight_decay=0.1)  # weights barely move between rounds
+
+    def step(loss_fn, old: bool):
+        def run():
+            with common.old_step_path(model) if old else contextlib.nullcontext():
+                loss, _ = loss_fn()
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+
+    return {
+        "a_old": step(lambda: model.training_loss(tb, sb, teacher_only=True), old=True),
+        "a_new": step(lambda: model.training_loss(tb, sb, teacher_only=True), old=False),
+        "b_old": step(lambda: model.training_loss(tb, sb, log_metrics=True), old=True),
+        "b_new": step(lambda: model.training_loss(tb, sb, log_metrics=False), old=False),
+        "b_log": step(lambda: model.training_loss(tb, sb, log_metrics=True), old=False),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(p, "step_paths")
+    p.add_argument("--teacher-len", type=int, nargs="+", default=None, help="teacher tokens per example (default 512)")
+    p.add_argument("--batch", type=int, default=None, help="examples per step (default 4)")
+    p.add_argument("--M", type=int, default=None, help="latent tokens (default 24)")
+    p.add_argument("--T", type=int, default=None, help="Jacobi iterations (default 3)")
+    args = p.parse_args(argv)
+    common.finish_common_args(args)
+    q = args.quick
+    lengths = args.teacher_len or ([48] if q else [512])
+    batch = args.batch or (2 if q else 4)
+    M = args.M or (3 if q else 24)
+    T = args.T if args.T is not None else (1 if q else 3)
+    repeats = args.repeats or (1 if q else 5)
+    device = torch.device(args.device)
+    env = common.env_info(device)
+    with common.tmpdir() as work:
+        model = common.build_model(args, work, M, T)
+    model.train()
+    results = []
+    for n in lengths:
+        segs, L = common.synthetic_segments(model, n, batch)
+        tb, sb = common.make_batches(model, segs, device)
+        steps = make_steps(model, tb, sb)
+        both: dict = {}
+        times = common.interleaved(steps, repeats=repeats, warmup=args.warmup, device=device, both=both)
+        pairs = {"a_new/a_old": ("a_new", "a_old"), "b_new/b_old": ("b_new", "b_old"),
+                 "b_log/b_old": ("b_log", "b_old"), "b_old/a_old": ("b_old", "a_old"),
+                 "b_new/a_new": ("b_new", "a_new")}
+        ratios = {k: common.paired_ratio(times, *v) for k, v in pairs.items()}
+        wall = {k: common.paired_ratio(both["wall"], *v)["median"] for k, v in pairs.items()}
+        results.append({"teacher_len": n, "batch": batch, "M": M, "T": T, "clock": both["clock"],
+                        "tokens": {"Q": L.Q, "C": L.C, "A": L.A},
+                        "time_s_median": {k: common.median(v) for k, v in times.items()},
+                        "time_s_all": both, "ratios": ratios, "wall_ratio_medians": wall})
+        print(f"[step_paths] N={n}: " + " ".join(f"{k}={r['median']:.3f}" for k, r in ratios.items()),
+              file=sys.stderr, flush=True)
+    print(common.markdown_table(
+        ["N teacher", "ratio", "median", "q1", "q3", "wall median"],
+        [[r["teacher_len"], k, v["median"], v["q1"], v["q3"], r["wall_ratio_medians"][k]]
+         for r in results for k, v in r["ratios"].items()]))
+    payload = {"benchmark": "step_paths", "env": env, "model": common.describe_model(model),
+               "args": vars(args), "repeats": repeats, "results": results}
+    common.write_json(args.out, payload)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
