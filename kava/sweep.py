@@ -531,7 +531,7 @@ def plot_report(spec: SweepSpec, report: dict, path: Path) -> bool:
                 cax.scatter([st] * len(seeds), [100 * r["accuracy"] for r in seeds], color="k", s=8, zorder=3)
         cax.set_xlabel("optimizer steps (finished schedules)")
         cax.set_ylabel("accuracy %")
-        cax.legend(fontsize=7)
+        cax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18))  # below: never over a point
     for i, name in enumerate(names):
         v = report["variants"][name]
         accs = [100 * v["per_seed"][s]["accuracy"] for s in spec.seeds]
@@ -540,7 +540,7 @@ def plot_report(spec: SweepSpec, report: dict, path: Path) -> bool:
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("accuracy % (bars: mean, dots: seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 
