@@ -84,8 +84,8 @@ class LossCfg:
 class DataCfg:
     train_path: str = _f("whynlp/gsm8k-aug", "training data: hub id or local file")
     eval_path: str = _f("", "validation data during training: hub id or local file ('' = none)")
-    train_split: str = _f("train", "split name when train_path is a hub id")
-    eval_split: str = _f("validation", "split name when eval_path is a hub id")
+    train_split: str = _f("train", "split name when train_path is a hub id; a row slice such as train[:-500] keeps those rows")
+    eval_split: str = _f("validation", "split name when eval_path is a hub id, never a test split; a source with no validation split can hold out a slice of its train split (train[-500:], with train_split train[:-500])")
     format: Literal["auto", "gsm8k-aug", "codi", "icot", "gsm8k", "gsm-hard", "svamp", "multiarith", "mawps", "generic", "synthetic"] = _f("auto", "source schema; auto guesses from the path/id and fields")
     question_field: str = _f("question", "question column for the generic format")
     answer_field: str = _f("answer", "answer column for the generic format")
@@ -243,6 +243,40 @@ class KavaConfig:
         for key, ok, what in checks:
             if not ok:
                 raise ConfigError(f"{key}={config_value(self, key)!r}: {what}")
+        self._check_data_splits()
+
+    def _check_data_splits(self) -> None:
+        """Validation never reads a test split or rows the run trains on; row slices only where they apply."""
+        from kava.data.formats import DataError, _looks_like_path, parse_split, splits_disjoint
+
+        d = self.data
+        specs = {}
+        for key in ("data.train_split", "data.eval_split"):
+            try:
+                specs[key] = parse_split(config_value(self, key), key)
+            except DataError as e:
+                raise ConfigError(str(e)) from None
+        for key, path_key in (("data.train_split", "data.train_path"), ("data.eval_split", "data.eval_path")):
+            path = config_value(self, path_key)
+            # the training loop reads a local file whole (it passes no split), so a slice would be ignored
+            if specs[key] and path and (_looks_like_path(path) or Path(path).expanduser().exists()):
+                raise ConfigError(f"{key}={config_value(self, key)!r}: a row slice applies to hub ids, but "
+                                  f"{path_key}={path!r} is a local file (split the file instead)")
+        if not d.eval_path:
+            return
+        eval_names = {specs["data.eval_split"][0]} if specs["data.eval_split"] else set(d.eval_split.split("+"))
+        if "test" in {n.strip().lower() for n in eval_names}:
+            raise ConfigError(f"data.eval_split={d.eval_split!r}: validation during training must not read a test "
+                              "split (use the validation split, or hold out a slice of the train split: "
+                              "train[-500:] with data.train_split=train[:-500]); score test with kava eval")
+        same_source = d.eval_path.strip().lower() == d.train_path.strip().lower()
+        if same_source and (_looks_like_path(d.eval_path) or Path(d.eval_path).expanduser().exists()):
+            raise ConfigError(f"data.eval_path={d.eval_path!r} is the training file: validation would read the rows "
+                              "the run trains on (expected a separate validation file)")
+        if same_source and not splits_disjoint(d.train_split, d.eval_split):
+            raise ConfigError(f"data.eval_split={d.eval_split!r} may share rows with data.train_split={d.train_split!r} "
+                              f"of the same source {d.train_path!r} (expected disjoint splits, e.g. "
+                              "train[:-500] and train[-500:])")
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict:

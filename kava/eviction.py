@@ -122,9 +122,10 @@ def _method_scores(keys: Tensor, importance: Optional[Tensor], valid: Tensor, la
         # Earlier positions score higher, so top-M = the first M valid tokens.
         s = -torch.arange(shape[-1], device=keys.device, dtype=dt).expand(shape)
     else:  # random
-        # Draw on the generator's device so a seed reproduces across runs, then move.
+        # Draw on the generator's device so a seed reproduces across runs, then move (non-blocking: a blocking
+        # copy to a GPU waits for every queued kernel; from pageable memory the data are staged at once).
         gdev = generator.device if generator is not None else keys.device
-        s = torch.rand(shape, generator=generator, device=gdev, dtype=dt).to(keys.device)
+        s = torch.rand(shape, generator=generator, device=gdev, dtype=dt).to(keys.device, non_blocking=True)
     return torch.where(vmask, s, float("-inf"))
 
 

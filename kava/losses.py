@@ -9,6 +9,7 @@ always detached here, so callers need not remember to.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Optional
 
@@ -127,6 +128,7 @@ class LossShares:
     L_CODI / L_KV stay statistics of the micro-batch (docs/design.md, "Gradient accumulation").
     """
 
+    # python floats; 0-dim float32 device tensors when several processes sum the counts (kava/train.py)
     ce_student: float = 1.0  # labelled student tokens here / in the global batch
     ce_teacher: float = 1.0  # labelled teacher tokens
     codi: float = 1.0  # examples
@@ -137,7 +139,7 @@ def total_loss(*, ce_student: Optional[Tensor], ce_teacher: Optional[Tensor],
                student_h: Optional[Tensor], teacher_h: Optional[Tensor],
                latent_kv: Optional[dict[int, tuple[Tensor, Tensor]]],
                teacher_kv: Optional[CompressedKV], cfg: LossCfg,
-               student_weight: float = 1.0, shares: Optional[LossShares] = None) -> tuple[Tensor, dict[str, float]]:
+               student_weight: float = 1.0, shares: Optional[LossShares] = None) -> tuple[Tensor, "Metrics"]:
     """Total training loss and its metrics.
 
     shares: this micro-batch's part of the global batch per term (:class:`LossShares`); each term, and its
@@ -157,8 +159,8 @@ def total_loss(*, ce_student: Optional[Tensor], ce_teacher: Optional[Tensor],
     None (baselines without a student or a teacher): that term is 0. A term whose
     weight is 0 is still computed for its metric, under no_grad, and not added.
 
-    Returns ``(loss, metrics)``; metrics always has loss, ce_student, ce_teacher,
-    codi, kv and ``kv_loss_iter_{t}`` for each key t, as python floats.
+    Returns ``(loss, metrics)``; metrics (:class:`Metrics`, a mapping read as python floats on first access)
+    always has loss, ce_student, ce_teacher, codi, kv and ``kv_loss_iter_{t}`` for each key t.
     """
     present = [x for x in (ce_student, ce_teacher, student_h, teacher_h) if x is not None]
     if latent_kv:
@@ -198,6 +200,61 @@ def total_loss(*, ce_student: Optional[Tensor], ce_teacher: Optional[Tensor],
 
     names = ["loss", "ce_student", "ce_teacher", "codi", "kv"] + [f"kv_loss_iter_{t}" for t in iters]
     vals = [loss, ce_s, ce_t, codi, kv] + list(iters.values())
-    # One stack and one .tolist(): a single device sync for all metrics.
     flat = torch.stack([x.detach().reshape(()).to(device=device, dtype=torch.float32) for x in vals])
-    return loss, dict(zip(names, flat.tolist()))
+    return loss, Metrics(names, flat)
+
+
+class Metrics:
+    """The metrics of one loss: a read-only mapping name -> python float over one device tensor.
+
+    The floats are read (one ``.tolist()``, one device sync) on first access only; a training loop sums
+    :attr:`tensor` on the device and reads it at its logging steps (kava/train.py). Deliberately not a
+    ``collections.abc.Mapping``: accelerate's mixed-precision wrapper rebuilds Mapping outputs by their type
+    (reading every value), and passes other objects through as they are.
+    """
+
+    def __init__(self, names: list[str], values: Tensor):
+        if values.shape != (len(names),):
+            raise ValueError(f"values: expected shape ({len(names)},), got {tuple(values.shape)}")
+        self.names = tuple(names)
+        self.tensor = values  # [len(names)] float32, detached, on the loss's device
+        self._floats: dict[str, float] | None = None
+
+    def _read(self) -> dict[str, float]:
+        if self._floats is None:
+            self._floats = dict(zip(self.names, self.tensor.tolist()))
+        return self._floats
+
+    def __getitem__(self, key: str) -> float:
+        return self._read()[key]
+
+    def get(self, key: str, default=None):
+        return self._read().get(key, default)
+
+    def keys(self):
+        return dict.fromkeys(self.names).keys()  # the names need no read
+
+    def items(self):
+        return self._read().items()
+
+    def values(self):
+        return self._read().values()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, key) -> bool:
+        return key in self.names
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (Metrics, Mapping)):
+            return self._read() == dict(other.items())
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"Metrics({self._read()!r})"

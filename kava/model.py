@@ -27,7 +27,14 @@ from kava.attention import capturing_attention_name
 from kava.backbone import DTYPES, LatentProjection, add_special_tokens, apply_lora, load_backbone
 from kava.config import OFFLINE_SMOLLM2, ConfigError, KavaConfig, config_value
 from kava.data import Example
-from kava.data.collate import IGNORE, SegmentEncoder, StudentBatch, TeacherBatch, pad_rows, positions_from_mask
+from kava.data.collate import (
+    SegmentEncoder,
+    StudentBatch,
+    TeacherBatch,
+    label_positions,
+    pad_rows,
+    positions_from_mask,
+)
 from kava.data.collate import make_batches as collate_examples
 from kava.eviction import CompressedKV, compress_kv, needs_importance
 from kava.latent import LatentTrace, QuestionState, run_latents
@@ -81,15 +88,18 @@ class StudentOutput:
     trace: LatentTrace | None
 
 
-def masked_ce(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+def masked_ce(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
+              label_index: torch.Tensor | None = None) -> torch.Tensor:
     """Mean CE over labelled tokens; logits only at the positions that predict a label.
 
-    hidden [B, N, D]; labels [B, N] (label i is predicted from position i-1).
+    hidden [B, N, D]; labels [B, N] (label i is predicted from position i-1). label_index [K]: the flat
+    positions of the labels (``collate.label_positions``, which the batches carry); a gather of K known rows
+    needs no host sync, where a boolean mask on the device reads its count back. None: derived here (a sync).
     """
-    targets = labels[:, 1:]
-    where = targets != IGNORE
-    logits = lm_head(hidden[:, :-1][where])
-    return F.cross_entropy(logits.float(), targets[where])
+    if label_index is None:
+        label_index = label_positions(labels)
+    logits = lm_head(hidden.flatten(0, 1).index_select(0, label_index - 1))
+    return F.cross_entropy(logits.float(), labels.flatten().index_select(0, label_index))
 
 
 def supervised_kv(latent_kv: dict, kv_supervision: str) -> dict:
@@ -283,7 +293,7 @@ class KavaModel(nn.Module):
             output_hidden_states=True,
             **kw,
         )
-        ce = masked_ce(out.last_hidden_state, batch.labels, self.lm_head)
+        ce = masked_ce(out.last_hidden_state, batch.labels, self.lm_head, batch.label_index)
         B = batch.input_ids.shape[0]
         rows = torch.arange(B, device=batch.input_ids.device)
         with torch.no_grad():
@@ -369,7 +379,7 @@ class KavaModel(nn.Module):
             self.embed(batch.suffix_ids), torch.cat([past_mask, batch.suffix_mask], 1), positions, cache,
             output_hidden_states=True,
         )
-        ce = masked_ce(out.last_hidden_state, batch.suffix_labels, self.lm_head)
+        ce = masked_ce(out.last_hidden_state, batch.suffix_labels, self.lm_head, batch.label_index)
         hidden = torch.stack([h[:, batch.prompt_last] for h in out.hidden_states[1:]], dim=1)
         return ce, hidden
 

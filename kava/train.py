@@ -54,7 +54,6 @@ from kava.checkpoint import (
 )
 from kava.config import ConfigError, KavaConfig
 from kava.data import Example
-from kava.data.collate import IGNORE
 from kava.data.collate import make_batches as collate_examples
 from kava.data.filters import apply_filters, format_counts
 from kava.data.formats import BENCHMARKS, DataError, load_examples
@@ -397,8 +396,14 @@ def micro_seed(seed: int, step: int, micro: int) -> int:
 def make_batches(cfg: KavaConfig, encoder, examples: list[Example], device, teacher_only: bool = False):
     """(TeacherBatch | None, StudentBatch | None) for ``examples`` on ``device``: only what ``cfg.method`` uses
     (:func:`kava.data.collate.make_batches`, shared with ``KavaModel.training_loss(examples)`` and analysis)."""
-    teacher, student = collate_examples(examples, encoder, cfg, teacher_only)
-    return (teacher.to(device) if teacher is not None else None, student.to(device) if student is not None else None)
+    return to_device(collate_examples(examples, encoder, cfg, teacher_only), device)
+
+
+def to_device(batches: tuple, device) -> tuple:
+    """A (TeacherBatch | None, StudentBatch | None) pair on ``device``. To a GPU without a stream sync: a
+    blocking host-to-device copy waits for every queued kernel (the previous step's update)."""
+    non_blocking = torch.device(device).type == "cuda"
+    return tuple(b.to(device, non_blocking=non_blocking) if b is not None else None for b in batches)
 
 
 # ============================================================================
@@ -406,44 +411,46 @@ def make_batches(cfg: KavaConfig, encoder, examples: list[Example], device, teac
 # ============================================================================
 @dataclass
 class StepResult:
-    loss: float
-    grad_norm: float
+    loss: float | None  # None off logging steps: the values stay on the device (no host sync)
+    grad_norm: float | None
     skipped: bool  # no update was applied
     overflow: bool  # skipped by the fp16 loss scaler on overflowing gradients at a finite loss (not a bad step)
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # empty off logging steps
 
-
-def ce_targets(labels: torch.Tensor) -> torch.Tensor:
-    """Tokens a CE term averages over: the labelled positions ``model.masked_ce`` predicts (a 0-dim tensor)."""
-    return (labels[:, 1:] != IGNORE).sum()
+    @property
+    def logged(self) -> bool:
+        """The values were read: a logging step, or a skipped one."""
+        return self.loss is not None
 
 
 def micro_batch_shares(cfg: KavaConfig, batches: list, accelerator) -> list[LossShares]:
     """Each micro-batch's :class:`~kava.losses.LossShares` of the step's global batch.
 
-    ``batches``: this process's micro-batches, [(TeacherBatch | None, StudentBatch | None)]. A share is the
-    micro-batch's count (labelled student / teacher tokens, examples, valid KV slots) over that count summed
-    over every process's micro-batches (one all-reduce, one device sync).
+    ``batches``: this process's micro-batches as collated on the host, [(TeacherBatch | None, StudentBatch | None)]
+    on the CPU. A share is the micro-batch's count (labelled student / teacher tokens, examples, valid KV slots)
+    over that count summed over every process's micro-batches. The counts are read on the host, before the
+    batches move to the device: one process needs no device work; several sum them with one all-reduce and keep
+    the shares on the device (0-dim float32 tensors), so no step waits for the device here.
     """
     m = cfg.latent.num_tokens
     rows = []
     for teacher, student in batches:
-        ids = teacher.input_ids if teacher is not None else student.prefix_ids  # [B, N], long
-        zero = ids.new_zeros(())
-        rows.append(torch.stack([
-            ce_targets(student.suffix_labels) if student is not None else zero,
-            ce_targets(teacher.labels) if teacher is not None else zero,
-            zero + ids.shape[0],
-            # compress_kv keeps min(M, CoT length) entries of each example
-            teacher.cot_valid.long().sum(-1).clamp_max(m).sum() if teacher is not None else zero,
-        ]))
-    local = torch.stack(rows)
-    total = local.sum(0)
-    if accelerator.num_processes > 1:
-        total = accelerator.reduce(total, reduction="sum")
-    local, total = local.cpu().double(), total.cpu().double()
-    shares = torch.where(total > 0, local / total.clamp_min(1), 0.0)
-    return [LossShares(*row) for row in shares.tolist()]
+        ids = teacher.input_ids if teacher is not None else student.prefix_ids  # [B, N]
+        rows.append([
+            student.num_labels if student is not None else 0,
+            teacher.num_labels if teacher is not None else 0,
+            ids.shape[0],
+            # compress_kv keeps min(M, CoT length) entries of each example (host tensors: no device read)
+            int(teacher.cot_valid.long().sum(-1).clamp_max(m).sum()) if teacher is not None else 0,
+        ])
+    local = torch.tensor(rows, dtype=torch.float64)
+    if accelerator.num_processes == 1:
+        total = local.sum(0)
+        return [LossShares(*row) for row in torch.where(total > 0, local / total.clamp_min(1), 0.0).tolist()]
+    local = local.to(accelerator.device)
+    total = accelerator.reduce(local.sum(0), reduction="sum")
+    shares = torch.where(total > 0, local / total.clamp_min(1), 0.0).float()  # float32(share): as a python float
+    return [LossShares(*row.unbind()) for row in shares]
 
 
 def train_step(run: Run, step: int) -> StepResult:
@@ -452,6 +459,10 @@ def train_step(run: Run, step: int) -> StepResult:
     Each micro-batch's loss is its share of the global batch's objective (:func:`micro_batch_shares`): CE per
     labelled token, L_CODI per example, L_KV per valid slot, so the accumulated gradient does not depend on
     ``train.micro_batch_size`` or the number of processes (up to the teacher-std normalisers, docs/design.md).
+
+    Host syncs: the loss and the metrics stay on the device and are read at logging steps (and at skipped
+    steps) in one ``.tolist()``. Off them the step reads one flag, "loss and gradient norm finite", to decide
+    the update (docs/perf.md section 8); fp16 adds the loss scaler's own reads.
     """
     cfg, acc, st = run.cfg, run.accelerator, run.state
     t = cfg.train
@@ -459,12 +470,12 @@ def train_step(run: Run, step: int) -> StepResult:
     weight = student_weight_at(step, t.curriculum_cot_steps, t.curriculum_ramp_steps)
     indices = global_batch(len(run.train), step, st.steps_per_epoch, t.global_batch_size, t.seed)
     mine = my_micro_batches(indices, t.micro_batch_size, acc.process_index, acc.num_processes)
-    batches = [make_batches(cfg, run.kava.encoder, [run.train[i] for i in idx], acc.device, teacher_only)
-               for _, idx in mine]
-    shares = micro_batch_shares(cfg, batches, acc)
+    host = [collate_examples([run.train[i] for i in idx], run.kava.encoder, cfg, teacher_only) for _, idx in mine]
+    shares = micro_batch_shares(cfg, host, acc)  # counts read on the host, before the copy to the device
+    batches = [to_device(b, acc.device) for b in host]
     # Metric-only work (unsupervised iterations' KV losses, KV terms at alpha_kv = 0) runs at fit's logging steps.
     log_step = (step + 1) % t.log_every == 0 or step == 0 or step + 1 == st.max_steps
-    sums: dict[str, float] = {}
+    names, metric_sum = None, None
     loss_sum = torch.zeros((), device=acc.device)
     for k, ((j, _), (teacher, student), share) in enumerate(zip(mine, batches, shares)):
         torch.manual_seed(micro_seed(t.seed, step, j))  # dropout
@@ -475,44 +486,64 @@ def train_step(run: Run, step: int) -> StepResult:
                                       log_metrics=log_step)
             # The shares sum to 1 over every process's micro-batches; DDP averages gradients over processes.
             acc.backward(loss * acc.num_processes)
-        loss_sum += loss.detach().float()
-        for key, v in metrics.items():
-            sums[key] = sums.get(key, 0.0) + float(v)
+        # Summed on the device (metrics are shares too); the guard reads the loss itself, not its metric.
+        loss_sum = loss_sum + loss.detach().float()
+        if names is None:
+            names, metric_sum = metrics.names, metrics.tensor
+        elif metrics.names != names:  # one config, one step: every micro-batch logs the same terms
+            raise RuntimeError(f"micro-batches of step {step} returned different metrics: {names} vs {metrics.names}")
+        else:
+            metric_sum = metric_sum + metrics.tensor
 
     params = [p for p in run.model.parameters() if p.requires_grad]
     grad_norm = acc.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
-    keys = sorted(sums)
-    local = torch.tensor([loss_sum.item()] + [sums[k] for k in keys], device=acc.device)
-    total = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local  # metrics are shares too
-    loss_value = float(total[0])
-    grad_value = float(grad_norm) if grad_norm is not None else 0.0
-    extra = {}
+    grad = grad_norm.detach().float().reshape(1) if grad_norm is not None else loss_sum.new_zeros(1)
+    local = torch.cat([loss_sum.reshape(1), metric_sum.to(loss_sum.device)])
+    total = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local  # a collective, no host read
+    values = torch.cat([total[:1], grad, total[1:]])  # loss, grad norm, metrics
+    read_values = values.tolist() if log_step else None  # the logging step's one read: the guard uses it too
     scaler = acc.scaler  # fp16 only
+    if read_values is not None:
+        loss_ok = math.isfinite(read_values[0])
+        step_ok = loss_ok and math.isfinite(read_values[1])
+    elif scaler is None:
+        # The one host read off logging steps: update or skip. Skipping on the device instead (torch.where on
+        # weights and AdamW state) would copy every trainable tensor twice per step.
+        step_ok = loss_ok = bool(torch.isfinite(values[:2]).all())
+    else:
+        loss_ok = bool(torch.isfinite(values[0]))  # the scaler checks the gradients itself
+        step_ok = loss_ok
+    extra = {}
     if scaler is None:
-        skipped = not (math.isfinite(loss_value) and math.isfinite(grad_value))
+        skipped = not step_ok
         if not skipped:
             run.optimizer.step()
         overflow = False
-    elif math.isfinite(loss_value):
+    elif loss_ok:
         scale = scaler.get_scale()
         # The scaler skips the update itself when the (unscaled) gradients hold inf/NaN, and backs off its scale.
         run.optimizer.step()
         skipped = run.optimizer.step_was_skipped
         # At a scale <= 1 the overflow is not the scaler's doing: count it as a bad step.
         overflow = skipped and scale > 1.0
-        extra["loss_scale"] = scaler.get_scale()
     else:
         # No update; update() still closes this step's unscale_ (clipping called it), or the next would raise.
         scaler.update()
         skipped, overflow = True, False
-        extra["loss_scale"] = scaler.get_scale()
     run.optimizer.zero_grad(set_to_none=True)
     with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
         run.scheduler.step()  # a skipped step still uses up its place in the schedule (and its batch)
-    return StepResult(loss=loss_value, grad_norm=grad_value, skipped=skipped, overflow=overflow,
-                      metrics={**{k: float(v) for k, v in zip(keys, total[1:].tolist())}, **extra,
-                               "student_weight": weight})
+    if read_values is None and skipped:
+        read_values = values.tolist()  # a skipped step is logged and warned about: read its values after all
+    if read_values is None:
+        return StepResult(loss=None, grad_norm=None, skipped=skipped, overflow=overflow, metrics={})
+    if scaler is not None:
+        extra["loss_scale"] = scaler.get_scale()
+    loss_value, grad_value, *metric_values = read_values
+    return StepResult(loss=loss_value, grad_norm=grad_value if grad_norm is not None else 0.0, skipped=skipped,
+                      overflow=overflow, metrics={**dict(sorted(zip(names, metric_values))), **extra,
+                                                  "student_weight": weight})
 
 
 # ============================================================================
@@ -544,15 +575,14 @@ def fit(run: Run, stop_after_steps: int | None = None) -> Path:
                 st.consecutive_bad_steps += 1
                 _warn(f"step {st.step}: non-finite loss ({res.loss}) or gradient norm ({res.grad_norm}); optimizer step "
                       f"skipped ({st.consecutive_bad_steps} in a row, {st.bad_steps_total} in total)", acc)
-            record = {"step": st.step, "epoch": st.step / st.steps_per_epoch, "lr": lr, **res.metrics,
-                      "loss": res.loss, "grad_norm": res.grad_norm, "skipped": res.skipped, "overflow": res.overflow,
-                      "bad_steps": st.consecutive_bad_steps, "bad_steps_total": st.bad_steps_total,
-                      "overflow_steps_total": st.overflow_steps_total,
-                      "examples_per_s": t.global_batch_size / max(time.perf_counter() - tic, 1e-9)}
-            if st.step % t.log_every == 0 or st.step == 1 or st.step == st.max_steps or res.skipped:
-                run.log.write(record)
+            if res.logged:  # logging steps and skipped steps: train_step read their values
+                run.log.write({"step": st.step, "epoch": st.step / st.steps_per_epoch, "lr": lr, **res.metrics,
+                               "loss": res.loss, "grad_norm": res.grad_norm, "skipped": res.skipped,
+                               "overflow": res.overflow, "bad_steps": st.consecutive_bad_steps,
+                               "bad_steps_total": st.bad_steps_total, "overflow_steps_total": st.overflow_steps_total,
+                               "examples_per_s": t.global_batch_size / max(time.perf_counter() - tic, 1e-9)})
+                bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{lr:.2e}")
             bar.update(1)
-            bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{lr:.2e}")
             if st.consecutive_bad_steps >= t.max_bad_steps:
                 bar.close()
                 last = latest_checkpoint(run.out) if acc.is_main_process else None

@@ -177,3 +177,96 @@ def test_smollm2_preset():
     assert c.data.train_path == "../shared/data/gsm8k_train.jsonl" and c.data.eval_path == "../shared/data/gsm8k_test.jsonl"
     assert (c.train.global_batch_size, c.train.micro_batch_size, c.latent.num_tokens, c.latent.num_iterations) == (16, 4, 6, 3)
     assert c.lora.r == 16 and c.train.lr == 5e-4 and c.model.dtype == "float32" and c.data.eval_max_examples == 100
+
+
+# ----------------------------------------------------------------------------
+# data sources: validation reads the training source's held-out rows, never test
+# ----------------------------------------------------------------------------
+class _FakeSplit:
+    """A hub split: len, select and iteration, like datasets.Dataset."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def select(self, idx):
+        return _FakeSplit([self.rows[i] for i in idx])
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+def _zen_e_nl_hub(n_rows: int, calls: list):
+    """zen-E/GSM8k-Aug-NL as the hub serves it: one JSON file, so one split, 'train' (question, cot, answer)."""
+    rows = [{"question": f"Q{i}?", "cot": f"He has {i} apples. He buys 2 more, so {i}+2 = {i + 2}.",
+             "answer": str(i + 2)} for i in range(n_rows)]
+
+    def load_dataset(path, name=None, split=None, **kw):
+        calls.append((path, name, split))
+        if path != "zen-E/GSM8k-Aug-NL" or split != "train":
+            raise ValueError(f'Unknown split "{split}". Should be one of [\'train\'].')
+        return _FakeSplit(rows)
+
+    return load_dataset
+
+
+@pytest.mark.parametrize("name", [p for p in PAPER if p.endswith("-nl")])
+def test_nl_presets_validate_on_held_out_rows_of_the_training_source(name, monkeypatch):
+    import datasets
+
+    from kava.data.formats import _hub_format, splits_disjoint
+    from kava.train import prepare_data
+
+    c = KavaConfig.from_yaml(PRESETS_DIR / f"{name}.yaml")
+    d = c.data
+    # one source, one schema: validation is loaded with format auto, which must resolve to the training format
+    assert d.train_path == d.eval_path == "zen-E/GSM8k-Aug-NL" and d.format == "codi"
+    assert _hub_format(d.eval_path) == d.format
+    assert "test" not in d.eval_split and splits_disjoint(d.train_split, d.eval_split)
+
+    # the real loading path on a stand-in of the hub dataset: the test split is never asked for
+    calls: list = []
+    monkeypatch.setattr(datasets, "load_dataset", _zen_e_nl_hub(1200, calls))
+
+    class Enc:
+        def segments(self, ex):
+            return type("S", (), {"teacher_len": 10})()
+
+    train, evals, report = prepare_data(c.override(["data.eval_max_examples=0"]), Enc())
+    assert [s for _, _, s in calls] == ["train", "train"]
+    assert report["train"]["format"] == report["eval"]["format"] == "codi"
+    assert [e.question for e in train] == [f"Q{i}?" for i in range(700)]
+    assert [e.question for e in evals] == [f"Q{i}?" for i in range(700, 1200)]
+    # Drop Last removed the last sentence of every CoT (the one that computes the answer)
+    assert evals[0].steps == ["He has 700 apples."]
+
+
+def test_paper_presets_never_validate_on_a_test_split():
+    for name in PAPER:
+        d = KavaConfig.from_yaml(PRESETS_DIR / f"{name}.yaml").data
+        assert d.eval_path.lower() == d.train_path.lower(), name  # one source: one schema, one distribution
+        assert "test" not in d.eval_split.lower(), name
+
+
+@pytest.mark.parametrize("sets, match", [
+    (["data.eval_path=whynlp/gsm8k-aug", "data.eval_split=test"], r"data.eval_split='test': validation .* must not read a test split"),
+    (["data.eval_path=ChilleD/SVAMP", "data.eval_split=train+test"], "must not read a test split"),
+    (["data.eval_path=whynlp/gsm8k-aug", "data.eval_split=train"], r"data.eval_split='train' may share rows with data.train_split='train'"),
+    (["data.train_split=train[:-400]", "data.eval_path=whynlp/gsm8k-aug", "data.eval_split=train[-500:]"], "may share rows"),
+    (["data.eval_path=whynlp/gsm8k-aug", "data.eval_split=train[-500:]"], "may share rows"),
+    (["data.eval_split=train[:10%]", "data.eval_path=x/y"], r"data.eval_split: malformed split 'train\[:10%\]'"),
+    (["data.train_path=data/train.jsonl", "data.train_split=train[:-5]"], r"data.train_split='train\[:-5\]': a row slice applies to hub ids"),
+    (["data.train_path=data/train.jsonl", "data.eval_path=data/train.jsonl"], r"data.eval_path='data/train.jsonl' is the training file"),
+])
+def test_validation_sources_that_would_leak_are_refused(sets, match):
+    with pytest.raises(ConfigError, match=match):
+        KavaConfig().override(sets)
+
+
+def test_disjoint_validation_sources_are_accepted():
+    KavaConfig().override(["data.train_split=train[:-500]", "data.eval_path=whynlp/gsm8k-aug", "data.eval_split=train[-500:]"])
+    KavaConfig().override(["data.train_split=train[:1000]", "data.eval_path=WHYNLP/gsm8k-aug", "data.eval_split=train[1000:1200]"])
+    KavaConfig().override(["data.eval_path=whynlp/gsm8k-aug", "data.eval_split=validation"])
+    KavaConfig().override(["data.train_path=a.jsonl", "data.eval_path=b.jsonl", "data.eval_split=validation"])

@@ -396,3 +396,36 @@ def test_kv_halves_weighted_by_valid_slots_sum_to_the_full_batch(reduction):
     (g_parts,) = torch.autograd.grad(parts, sk)
     assert parts.item() == pytest.approx(full.item(), rel=1e-6)
     torch.testing.assert_close(g_parts, g_full)
+
+
+def test_metrics_stay_on_the_device_until_read(monkeypatch):
+    """total_loss's metrics are one device tensor, read (one .tolist()) on first access, not when returned."""
+    from kava.losses import Metrics
+
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or real(self))
+    kw = _setup()
+    loss, m = total_loss(**kw, cfg=LossCfg(alpha_codi=10.0, alpha_kv=2.0))
+    assert isinstance(m, Metrics) and not reads
+    assert list(m) == list(m.names) and "kv" in m and len(m) == m.tensor.numel() and not reads
+    assert m.tensor.shape == (len(m),) and m.tensor.dtype == torch.float32 and not m.tensor.requires_grad
+    floats = dict(m)
+    assert len(reads) == 1 and all(type(v) is float for v in floats.values())
+    assert floats == dict(zip(m.names, m.tensor.tolist())) and floats["loss"] == loss.item()
+    assert m["codi"] == floats["codi"] and len(reads) == 2  # the test's own tolist above; m read only once
+    with pytest.raises(ValueError, match="shape"):
+        Metrics(["a", "b"], torch.zeros(3))
+
+
+def test_metrics_pass_through_accelerates_mixed_precision_wrapper():
+    """accelerate's autocast wrapper converts a model's outputs to fp32 by rebuilding each Mapping by its type;
+    Metrics must come through untouched (and unread)."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    from kava.losses import Metrics
+
+    m = Metrics(["loss", "kv"], torch.tensor([1.5, 0.25]))
+    loss, out = convert_outputs_to_fp32(lambda: (torch.tensor(2.0, dtype=torch.float16), m))()
+    assert out is m and m._floats is None and loss.dtype == torch.float32
+    assert dict(m) == {"loss": 1.5, "kv": 0.25} and m == {"loss": 1.5, "kv": 0.25} and m.get("x", 3) == 3

@@ -455,3 +455,54 @@ def test_prefix_cache_references_the_prefix_tensors():
     k_new = torch.randn(2, 2, 1, 4)
     keys, _ = cache.layers[0].update(k_new, k_new)
     assert torch.equal(keys, torch.cat([kv[0][0], k_new], -2)) and kv[0][0].shape[-2] == 3  # prefix untouched
+
+
+def old_masked_ce(hidden, labels, lm_head):
+    """The boolean-mask formulation masked_ce had before the host-built label index (two host syncs)."""
+    from kava.data.collate import IGNORE
+
+    targets = labels[:, 1:]
+    where = targets != IGNORE
+    return torch.nn.functional.cross_entropy(lm_head(hidden[:, :-1][where]).float(), targets[where])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_ce_with_the_host_label_index_equals_the_boolean_mask(dtype):
+    """Same loss and gradients, bit for bit, as the boolean mask: the same rows in the same order."""
+    from kava.data.collate import IGNORE, label_positions
+    from kava.model import masked_ce
+
+    g = torch.Generator().manual_seed(0)
+    B, N, D, V = 3, 7, 8, 11
+    labels = torch.randint(0, V, (B, N), generator=g)
+    labels[torch.rand(B, N, generator=g) < 0.4] = IGNORE
+    labels[1] = IGNORE  # a row with no label
+    labels[2, 0] = 5  # column 0 predicts nothing, labelled or not
+    head = torch.nn.Linear(D, V, bias=False).to(dtype)
+    out = {}
+    for name, fn in {"old": lambda h: old_masked_ce(h, labels, head),
+                     "index": lambda h: masked_ce(h, labels, head, label_positions(labels)),
+                     "derived": lambda h: masked_ce(h, labels, head)}.items():
+        hidden = torch.randn(B, N, D, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_(True)
+        head.zero_grad(set_to_none=True)
+        loss = fn(hidden)
+        loss.backward()
+        out[name] = (loss.detach(), hidden.grad, head.weight.grad)
+    assert label_positions(labels).numel() == (labels[:, 1:] != IGNORE).sum() > 0
+    for name in ("index", "derived"):
+        for a, b in zip(out[name], out["old"]):
+            assert torch.equal(a, b), name
+
+
+def test_collated_batches_carry_their_label_index(tiny_llama_dir):
+    """The collator builds the CE positions on the host; they move with the batch and count its CE tokens."""
+    from kava.data.collate import IGNORE, label_positions
+
+    model = make_model(tiny_llama_dir, **{"loss.student_ce_on_prompt": True})
+    tb, sb = model.make_batches(EXAMPLES)
+    for labels, batch in ((tb.labels, tb), (sb.suffix_labels, sb)):
+        assert torch.equal(batch.label_index, label_positions(labels))
+        assert batch.num_labels == int((labels[:, 1:] != IGNORE).sum())
+        assert torch.equal(labels.flatten()[batch.label_index], labels[:, 1:][labels[:, 1:] != IGNORE])
+    moved = tb.to("cpu", non_blocking=True)
+    assert torch.equal(moved.label_index, tb.label_index)

@@ -347,6 +347,91 @@ def test_abort_after_max_bad_steps_in_a_row(tiny_llama_dir, data, tmp_path, monk
 
 
 # ----------------------------------------------------------------------------
+# host syncs in a training step
+# ----------------------------------------------------------------------------
+class HostReads:
+    """Counts the ops of a training step that read device data on the host: on a GPU each waits for the queue.
+
+    On the CPU nothing syncs, so the ops are counted instead: ``_local_scalar_dense`` (item, float, bool, int),
+    ``nonzero`` / ``masked_select`` / boolean indexing (data-dependent shapes) and ``Tensor.tolist`` (no dispatch
+    on the CPU). Not counted: torch's AdamW reads its step counters, which it keeps on the CPU (no device sync),
+    and transformers' causal-mask builder, which reads whether the padding mask is all ones (docs/perf.md
+    section 8). Host-to-device copies cannot be seen on the CPU.
+    """
+
+    EXEMPT = ("/torch/optim/", "/transformers/masking_utils.py")
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        aten = torch.ops.aten
+        reads = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default}
+        masked = {aten.index, aten.index_put, aten.index_put_}
+        self.events: list[str] = []
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                hit = func in reads or (func.overloadpacket in masked and any(
+                    isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1]))
+                if hit:
+                    outer.note(str(func))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def note(self, what: str) -> None:
+        import traceback
+
+        stack = traceback.extract_stack()
+        if not any(x in f.filename for f in stack for x in self.EXEMPT):
+            self.events.append(f"{what} at {' < '.join(f'{Path(f.filename).name}:{f.lineno}' for f in stack[-8:-2])}")
+
+
+def test_a_training_step_reads_the_device_once(tiny_llama_dir, data, tmp_path, monkeypatch):
+    """Off a logging step the only host read is the non-finite guard's flag; at a logging step it is the one
+    read of the loss, gradient norm and metrics (the guard uses it). The CE, the metrics, the loss shares and
+    the guard make no other. The counted window starts after the batches are collated and counted on the host."""
+    import kava.train as kt
+
+    reads = {}  # step -> HostReads
+    real_shares, real_step, real_tolist = kt.micro_batch_shares, kt.train_step, torch.Tensor.tolist
+    current = {"step": None}
+
+    def shares(*a, **k):
+        out = real_shares(*a, **k)
+        current["step"] = current.pop("pending")
+        reads[current["step"]].mode.__enter__()
+        return out
+
+    def step(run, s):
+        reads[s], current["pending"] = HostReads(), s
+        try:
+            return real_step(run, s)
+        finally:
+            reads[s].mode.__exit__(None, None, None)
+            current["step"] = None
+
+    def tolist(self):
+        if current.get("step") is not None:
+            reads[current["step"]].note("tolist")
+        return real_tolist(self)
+
+    monkeypatch.setattr(kt, "micro_batch_shares", shares)
+    monkeypatch.setattr(kt, "train_step", step)
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    # 2 micro-batches per step, random eviction, every KaVa term; step 2 (index 1) is off the logging steps.
+    cfg = make_cfg(tiny_llama_dir, data, **{"train.max_steps": 3, "train.log_every": 3})
+    run_training(cfg, tmp_path)
+    assert sorted(reads) == [0, 1, 2]
+    assert len(reads[1].events) == 1 and "_local_scalar_dense" in reads[1].events[0], reads[1].events
+    assert "train.py" in reads[1].events[0]
+    for s in (0, 2):  # logging steps
+        assert len(reads[s].events) == 1 and reads[s].events[0].startswith("tolist"), reads[s].events
+    assert [r["step"] for r in step_records(tmp_path)] == [1, 3]
+
+
+# ----------------------------------------------------------------------------
 # data checks
 # ----------------------------------------------------------------------------
 def test_data_report_counts_are_saved(tiny_llama_dir, data, tmp_path):

@@ -78,6 +78,18 @@ def pad_rows(rows: list[list[int]], value: int, left: bool = False) -> torch.Ten
     return out
 
 
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices into ``labels.flatten()`` [B*N] of the labels a CE predicts: not IGNORE, column >= 1 (the
+    hidden state at index - 1 predicts each). Row-major, the order of a boolean mask over ``labels[:, 1:]``.
+
+    Built on the host by the collator, so the loss on the device gathers a known number of positions and never
+    reads a data-dependent shape back (a boolean mask there costs a host sync per CE term).
+    """
+    keep = labels != IGNORE
+    keep[:, :1] = False
+    return keep.flatten().nonzero().squeeze(1)
+
+
 def positions_from_mask(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
     """Position ids implied by padding: count of real tokens before each slot (pads get a clamped value)."""
     pos = mask.long().cumsum(-1) - 1
@@ -94,6 +106,8 @@ class TeacherBatch:
     cot_index, cot_valid: [B, Nc]   positions of the CoT tokens
     query_index, query_valid: [B, Na]   answer-query positions for importance
     prompt_last: [B]   position of the last token of P (CODI target)
+    label_index: [K]   flat positions of the K CE labels (:func:`label_positions`); derived from ``labels``
+                       when not given (hand-built batches)
     """
 
     input_ids: torch.Tensor
@@ -105,9 +119,19 @@ class TeacherBatch:
     query_index: torch.Tensor
     query_valid: torch.Tensor
     prompt_last: torch.Tensor
+    label_index: torch.Tensor | None = None
 
-    def to(self, device) -> "TeacherBatch":
-        return TeacherBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+    def __post_init__(self):
+        if self.label_index is None:
+            self.label_index = label_positions(self.labels)
+
+    @property
+    def num_labels(self) -> int:
+        """Tokens the teacher CE averages over (a shape: no device read)."""
+        return self.label_index.numel()
+
+    def to(self, device, non_blocking: bool = False) -> "TeacherBatch":
+        return TeacherBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
 
 
 @dataclass
@@ -116,6 +140,8 @@ class StudentBatch:
 
     suffix_labels [B, Ns]: the student CE targets (A, <eos>; P too if configured), -100 elsewhere.
     prompt_last: index in the suffix of the last P token (same for every row).
+    label_index [K]: flat positions of the K CE labels in ``suffix_labels`` (:func:`label_positions`; derived
+    when not given).
     """
 
     prefix_ids: torch.Tensor
@@ -124,10 +150,21 @@ class StudentBatch:
     suffix_mask: torch.Tensor
     suffix_labels: torch.Tensor
     prompt_last: int
+    label_index: torch.Tensor | None = None
 
-    def to(self, device) -> "StudentBatch":
+    def __post_init__(self):
+        if self.label_index is None:
+            self.label_index = label_positions(self.suffix_labels)
+
+    @property
+    def num_labels(self) -> int:
+        """Tokens the student CE averages over (a shape: no device read)."""
+        return self.label_index.numel()
+
+    def to(self, device, non_blocking: bool = False) -> "StudentBatch":
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        return StudentBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+        return StudentBatch(**{k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+                               for k, v in kw.items()})
 
 
 def collate_teacher(segs: list[Segments], pad_id: int, importance_queries: str = "prompt_and_answer") -> TeacherBatch:

@@ -41,6 +41,8 @@ __all__ = [
     "default_data_dir",
     "split_cot",
     "normalize_answer",
+    "parse_split",
+    "splits_disjoint",
 ]
 
 FORMATS = ("gsm8k-aug", "codi", "icot", "gsm8k", "gsm-hard", "svamp", "multiarith", "mawps", "generic")
@@ -80,6 +82,8 @@ _EXPECTED = {
 _ANNOTATION = re.compile(r"<<(.*?)>>", re.S)
 _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# "train" or "train[a:b]": a split name, optionally sliced by 0-based row index (Python slice semantics).
+_SPLIT = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*(?:\[\s*(-?\d+)?\s*:\s*(-?\d+)?\s*\])?\s*$")
 
 
 class DataError(ValueError):
@@ -140,6 +144,64 @@ def split_cot(cot: str) -> list[str]:
     if "\n" in text:
         return [ln.strip() for ln in text.splitlines() if ln.strip()]
     return [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
+
+
+def parse_split(split: str, source: str = "split") -> tuple[str, int | None, int | None] | None:
+    """``"train"`` -> ``("train", None, None)``; ``"train[:-500]"`` -> ``("train", None, -500)``.
+
+    A slice selects rows of the named split by 0-based index with Python's slice semantics
+    (the same rows as the hub's ``split="train[:-500]"``), so a source with no validation split
+    can hold out a fixed slice of its train split (``train[:-500]`` / ``train[-500:]``).
+    Returns None for a split without brackets (passed to the hub as is, e.g. ``train+test``).
+    Percent slices, steps and sliced unions are not supported.
+    """
+    if "[" not in split and "]" not in split:
+        return None
+    m = _SPLIT.match(split)
+    if not m:
+        raise DataError(f"{source}: malformed split {split!r} (expected a split name, optionally sliced by "
+                        "row index, e.g. train, train[:-500] or train[-500:])")
+    start = int(m.group(2)) if m.group(2) is not None else None
+    stop = int(m.group(3)) if m.group(3) is not None else None
+    return m.group(1), start, stop
+
+
+def splits_disjoint(a: str, b: str) -> bool:
+    """Whether two split specs of one source provably share no row, whatever the split's length.
+
+    Different split names are disjoint. Slices of one split are disjoint when one ends where (or
+    before) the other starts, with both bounds counted from the same end (``train[:-500]`` and
+    ``train[-500:]``, or ``train[:1000]`` and ``train[1000:]``); anything else is not provable.
+    """
+    pa, pb = parse_split(a), parse_split(b)
+    names_a = {pa[0]} if pa else {x.strip() for x in a.split("+")}  # "train+test" is two splits
+    names_b = {pb[0]} if pb else {x.strip() for x in b.split("+")}
+    if not names_a & names_b:
+        return True
+    if pa is None or pb is None:  # a whole split overlaps any non-empty part of itself
+        return False
+
+    def ordered(x, y) -> bool:  # x ends at or before y starts, both bounds from the same end
+        stop, start = x[2], y[1]
+        if stop is None or start is None or (stop < 0) != (start < 0):
+            return False
+        return stop <= start
+
+    return ordered(pa, pb) or ordered(pb, pa)
+
+
+def _slice_label(spec: tuple[str, int | None, int | None]) -> str:
+    name, start, stop = spec
+    return f"{name}[{'' if start is None else start}:{'' if stop is None else stop}]"
+
+
+def _select(n: int, spec: tuple[str, int | None, int | None], source: str) -> range:
+    """Row indices (0-based) a sliced split selects from ``n`` rows; an empty selection is an error."""
+    idx = range(n)[slice(spec[1], spec[2])]
+    if len(idx) == 0:
+        raise DataError(f"{source}: split {_slice_label(spec)} selects no rows of the {n} in '{spec[0]}' "
+                        "(expected a slice that keeps at least one row)")
+    return idx
 
 
 def _strip_annotations(text: str) -> str:
@@ -205,7 +267,10 @@ def _parse_codi(row: Any, opts: dict) -> Example:
     exp = _EXPECTED["codi"]
     q = _question(_get(row, "question", exp), "question", exp)
     steps = _steps_list(_get(row, "cot", exp), "cot", exp)
-    a = _answer(_get(row, "answer", exp), "answer", exp)
+    ans = _get(row, "answer", exp)
+    if isinstance(ans, str) and "####" in ans:  # "#### 18": CODI's loader strips the marker too
+        ans = ans.rsplit("####", 1)[1]
+    a = _answer(ans, "answer", exp)
     return Example(q, steps, a)
 
 
@@ -389,11 +454,20 @@ def _local_rows(path: Path, fmt: str, split: str | None, source: str) -> _Rows:
     )
 
 
+def _sliced(rows: _Rows, spec: tuple[str, int | None, int | None], source: str) -> _Rows:
+    """The rows a sliced split selects, numbered as in the whole split (so errors name the file's row)."""
+    rows = list(rows)
+    for i in _select(len(rows), spec, source):
+        yield rows[i]
+
+
 def _hub_rows(hub_id: str, hub_config: str | None, split: str | None, source: str) -> _Rows:
     import datasets
 
+    spec = parse_split(split, source) if split is not None else None
     try:
-        ds = datasets.load_dataset(hub_id, hub_config, split=split)
+        # a slice is taken here, not by the hub, so local files and hub ids select the same rows
+        ds = datasets.load_dataset(hub_id, hub_config, split=spec[0] if spec else split)
     except Exception as e:  # noqa: BLE001 - network, missing id, bad split...
         msg = f"{type(e).__name__}: {e}".replace("\n", " ")
         raise DataError(
@@ -405,6 +479,12 @@ def _hub_rows(hub_id: str, hub_config: str | None, split: str | None, source: st
         if len(names) != 1:
             raise DataError(f"{source}: several splits ({', '.join(names)}); expected split= to pick one")
         ds = ds[names[0]]
+    if spec is not None:
+        idx = _select(len(ds), spec, source)
+        part = ds.select(idx) if hasattr(ds, "select") else [ds[i] for i in idx]
+        for i, row in zip(idx, part):
+            yield i + 1, row
+        return
     for i, row in enumerate(ds, 1):
         yield i, row
 
@@ -470,7 +550,8 @@ def load_examples(
     name and the first row's fields; custom field names imply ``generic``) or
     ``"synthetic"`` (files written by :func:`kava.data.synthetic.write_jsonl`, the
     gsm8k-aug schema). ``split`` picks the hub split (or a list inside a JSON
-    object). ``cot_style`` (``equations`` | ``nl``) applies to the ``gsm8k`` schema.
+    object); a sliced split such as ``train[-500:]`` (:func:`parse_split`) keeps those rows
+    of it, for local files too. ``cot_style`` (``equations`` | ``nl``) applies to the ``gsm8k`` schema.
     """
     if format == "synthetic":
         format = "gsm8k-aug"
@@ -496,7 +577,10 @@ def load_examples(
                 fmt = "icot"
             elif _custom_fields(opts):
                 fmt = "generic"
-        rows = _local_rows(path, fmt, split, source)
+        spec = parse_split(split, source) if split is not None else None
+        rows = _local_rows(path, fmt, spec[0] if spec else split, source)
+        if spec is not None:
+            rows = _sliced(rows, spec, source)
         hint = "a file"
     else:
         if _looks_like_path(str(path_or_id)):

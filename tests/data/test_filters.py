@@ -54,3 +54,22 @@ def test_switches_off_and_zero_counts():
     # max_tokens <= 0 disables the length filter
     kept, counts = apply_filters(src, drop_last_step=False, max_tokens=0, count_tokens=_words)
     assert counts["too_long"] == 0 and len(kept) == 5
+
+
+def test_drop_last_on_a_natural_language_cot_drops_its_last_sentence():
+    """NL CoTs (codi schema, e.g. zen-E/GSM8k-Aug-NL) are split into sentences; Drop Last removes the last one,
+    the sentence that computes the answer, as CODI's loader does (cot.split(". ")[:-1], docs/design.md)."""
+    from kava.data.formats import _parse_codi
+
+    cot = ("Natalia sold 48/2 = 24 clips in May. Natalia sold 48+24 = 72 clips altogether in April and May. "
+           "The clips cost $1.50 each, so she earned 72 * 1.5 = 108 dollars.")
+    ex = _parse_codi({"question": "How much?", "cot": cot, "answer": "108"}, {})
+    assert len(ex.steps) == 3  # "$1.50" does not end a sentence
+    (kept,), counts = apply_filters([ex], drop_last_step=True, max_tokens=None, count_tokens=None)
+    assert counts["last_step_dropped"] == 1
+    codi = ". ".join(cot.split(". ")[:-1]) + "."  # CODI's text for the teacher CoT (before its trailing newline)
+    assert " ".join(kept.steps) == codi
+    # a one-sentence CoT is kept (CODI would train that example with an empty CoT)
+    one = _parse_codi({"question": "Q?", "cot": "So 2 + 2 = 4.", "answer": "4"}, {})
+    (kept,), _ = apply_filters([one], drop_last_step=True, max_tokens=None, count_tokens=None)
+    assert kept.steps == ["So 2 + 2 = 4."]

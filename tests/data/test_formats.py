@@ -416,3 +416,70 @@ def test_hub_failure_and_missing_local_file(monkeypatch):
     for missing in ("data/missing.jsonl", "./x", "/abs/path/file.json"):
         with pytest.raises(DataError, match="file not found"):
             load_examples(missing)
+
+
+# ----------------------------------------------------------------------------
+# sliced splits: a held-out slice of a train split, local files and hub alike
+# ----------------------------------------------------------------------------
+def _codi_rows(n):
+    return [{"question": f"Q{i}?", "cot": f"A is {i}. B is {i} + 1 = {i + 1}.", "answer": str(i + 1)} for i in range(n)]
+
+
+def test_sliced_split_of_a_local_file_holds_out_the_last_rows(tmp_path):
+    path = tmp_path / "aug_nl.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _codi_rows(5)))
+    train = load_examples(str(path), split="train[:-2]")
+    held = load_examples(str(path), split="train[-2:]")
+    assert train.format == held.format == "codi"
+    assert [e.question for e in train.examples] == ["Q0?", "Q1?", "Q2?"]
+    assert [e.question for e in held.examples] == ["Q3?", "Q4?"]
+    # a JSON object of splits: the slice applies to the named list
+    obj = tmp_path / "splits.json"
+    obj.write_text(json.dumps({"train": _codi_rows(4), "test": _codi_rows(1)}))
+    assert [e.answer for e in load_examples(str(obj), split="train[1:3]").examples] == ["2", "3"]
+
+
+def test_sliced_split_errors_name_the_row_of_the_whole_file(tmp_path):
+    rows = _codi_rows(4)
+    del rows[3]["cot"]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"bad.jsonl:4: missing field 'cot'"):
+        load_examples(str(path), format="codi", split="train[-1:]")
+    assert len(load_examples(str(path), format="codi", split="train[:-1]").examples) == 3  # the bad row is not in this slice
+    with pytest.raises(DataError, match=r"split train\[10:\] selects no rows of the 4 in 'train'"):
+        load_examples(str(path), split="train[10:]")
+    with pytest.raises(DataError, match=r"malformed split 'train\[:5%\]'"):
+        load_examples(str(path), split="train[:5%]")
+
+
+def test_sliced_hub_split_loads_the_whole_split_then_slices(monkeypatch):
+    import datasets
+
+    fake = _FakeHub(_codi_rows(6))
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    res = load_examples("zen-E/GSM8k-Aug-NL", split="train[-2:]")
+    assert fake.calls == [("zen-E/GSM8k-Aug-NL", None, "train")]  # kava slices, so hub and local files agree
+    assert res.format == "codi" and res.source == "zen-E/GSM8k-Aug-NL[train[-2:]]"
+    assert [e.question for e in res.examples] == ["Q4?", "Q5?"]
+    fake.rows = fake.rows[:5] + [{"question": "Q5?", "answer": "6"}]
+    with pytest.raises(DataError, match=r"zen-E/GSM8k-Aug-NL\[train\[-2:\]\]:6: missing field 'cot'"):
+        load_examples("zen-E/GSM8k-Aug-NL", split="train[-2:]")
+
+
+def test_splits_disjoint():
+    from kava.data.formats import splits_disjoint
+
+    assert splits_disjoint("train[:-500]", "train[-500:]") and splits_disjoint("train[-500:]", "train[:-500]")
+    assert splits_disjoint("train[:1000]", "train[1000:]") and splits_disjoint("train", "validation")
+    assert not splits_disjoint("train", "train[-500:]")
+    assert not splits_disjoint("train[:-400]", "train[-500:]")
+    assert not splits_disjoint("train[:-5]", "train[10:]")  # depends on the split's length: not provable
+    assert not splits_disjoint("train+test", "test")
+
+
+def test_codi_answer_with_the_gsm8k_marker():
+    from kava.data.formats import _parse_codi
+
+    row = {"question": "Q?", "cot": "A is 2. So 2 + 16 = 18.", "answer": "#### 18"}
+    assert _parse_codi(row, {}) == Example("Q?", ["A is 2.", "So 2 + 16 = 18."], "18")
