@@ -282,15 +282,19 @@ def train_run(job: Job, warm_checkpoint: Optional[Path]) -> Path:
 
     cfg = KavaConfig.from_dict(job.config)
     marker = job.run_dir / "DONE"
+    final = job.run_dir / "checkpoints" / step_dir_name(cfg.train.max_steps)
     if marker.exists():
-        return Path(marker.read_text().strip())
+        # The run's own final checkpoint, wherever the sweep directory is now (older markers held a cwd-relative path).
+        if not final.is_dir():
+            raise FileNotFoundError(f"{marker}: marks the run trained, but its final checkpoint {final} is missing")
+        return final
     if latest_checkpoint(job.run_dir) is not None:
         final = run_training(cfg, job.run_dir, resume=job.run_dir)
     else:
         final = run_training(cfg, job.run_dir, init_from=warm_checkpoint)
     if final.name != step_dir_name(cfg.train.max_steps):
         raise RuntimeError(f"{job.run_dir}: training stopped early at {final}; run the sweep again to resume it")
-    marker.write_text(str(final))
+    marker.write_text(str(final.relative_to(job.run_dir)) if final.is_relative_to(job.run_dir) else str(final))
     return final
 
 

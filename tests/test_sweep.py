@@ -441,3 +441,26 @@ def test_a_run_trained_under_another_config_is_refused(swept, capsys):
         assert "trained with another config" in err and "train.lr" in err and "Traceback" not in err
     finally:
         cfg_file.write_text(original)
+
+
+def test_a_moved_sweep_is_scored_from_its_own_checkpoints(swept, tmp_path, monkeypatch):
+    """DONE names the run's final checkpoint relative to the run; a marker from an older kava (a path relative to
+    another working directory) still leads to the run's own checkpoint, so a copied sweep scores where it is."""
+    spec, out = swept
+    copy = tmp_path / "moved"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*_test*", "report_test.*"))
+    for seed in SEEDS:
+        for name in VARIANTS:
+            marker = copy / f"seed{seed}" / name / "DONE"
+            assert marker.read_text() == f"checkpoints/step-{BUDGET:06d}"
+            marker.write_text(f"runs/elsewhere/seed{seed}/{name}/checkpoints/step-{BUDGET:06d}")  # old style
+    monkeypatch.chdir(tmp_path)
+    assert sweep.main([str(spec), "--output", str(copy), "--split", "test", "--no-train", "--workers", "1"]) == 0
+    for seed in SEEDS:
+        for name in VARIANTS:
+            result = json.loads((copy / f"seed{seed}" / name / "result_test.json").read_text())
+            assert Path(result["checkpoint"]).resolve() == (copy / f"seed{seed}" / name / "checkpoints"
+                                                            / f"step-{BUDGET:06d}").resolve()
+    (copy / f"seed{SEEDS[0]}" / VARIANTS[0] / "result_test.json").unlink()
+    shutil.rmtree(copy / f"seed{SEEDS[0]}" / VARIANTS[0] / "checkpoints" / f"step-{BUDGET:06d}")
+    assert sweep.main([str(spec), "--output", str(copy), "--split", "test", "--no-train"]) == 1
