@@ -157,7 +157,7 @@ def test_sweep_trains_every_variant_and_seed_and_reports(swept):
             assert Path(cfg.model.name_or_path) == seed_dir / "base_model"
             assert Path(cfg.data.train_path) == seed_dir / "data" / "train.jsonl"
             assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
-            assert Path((run / "DONE").read_text().strip()) == run / "checkpoints" / "step-000006"
+            assert run / (run / "DONE").read_text().strip() == run / "checkpoints" / "step-000006"
             assert json.loads((run / "init_from.json").read_text()) == {"checkpoint": str(warm_ckpt.resolve()),
                                                                        "step": WARM_STEPS}
             # The run continued from the warm start: metrics of steps 3..6 only, one row per step.
@@ -262,7 +262,7 @@ def test_killed_sweep_redoes_only_the_interrupted_run_and_resumes_it(swept, capf
     assert strip(read_jsonl(run / "predictions_valid_latent.jsonl")) == strip(want_preds)
     got_result = json.loads((run / "result_valid.json").read_text())
     assert got_result["modes"]["latent"]["accuracy"] == want_result["modes"]["latent"]["accuracy"]
-    assert (run / "DONE").read_text().strip() == str(final)
+    assert run / (run / "DONE").read_text().strip() == final
     check_report_against_files(out, "valid")
 
 
