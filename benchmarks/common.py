@@ -406,6 +406,35 @@ def write_json(path: str | Path, payload: dict) -> Path:
     return path
 
 
+def save_results(args, benchmark: str, env: dict, model_info: dict, repeats: int, results, **extra) -> dict:
+    """The benchmark's JSON (``args.out``): what ran, where, and its results. -> the payload."""
+    payload = {"benchmark": benchmark, "env": env, "model": model_info, "args": vars(args), "repeats": repeats,
+               "results": results, **extra}
+    write_json(args.out, payload)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return payload
+
+
+def optimizer_steps(model, grad_clip: float = 2.0) -> Callable:
+    """``step(loss_fn, context=nullcontext) -> run``: ``run()`` is one AdamW step on ``model``'s trainable
+    weights (forward and backward inside ``context()``). A tiny lr: the weights barely move, so every round
+    measures the same model (and no denormals)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-7, weight_decay=0.1)
+
+    def step(loss_fn: Callable, context: Callable = contextlib.nullcontext) -> Callable[[], None]:
+        def run():
+            with context():
+                loss, _ = loss_fn()
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+
+    return step
+
+
 def _jsonable(x):
     if isinstance(x, torch.Tensor):
         return x.tolist()

@@ -95,11 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
              f"{r['ratio']:.3f} ({r['ratio_quartiles']['q1']:.3f}-{r['ratio_quartiles']['q3']:.3f})",
              r["overhead_pct"], "met" if r["goals"][f"overhead <= {GOAL_PCT}%"] else "missed"] for r in results]
     print(common.markdown_table(headers, rows))
-    payload = {"benchmark": "importance_overhead", "env": env, "model": common.describe_model(model),
-               "args": vars(args), "repeats": repeats, "results": results}
-    common.write_json(args.out, payload)
-    print(f"wrote {args.out}", file=sys.stderr)
-    return payload
+    return common.save_results(args, "importance_overhead", env, common.describe_model(model), repeats, results)
 
 
 if __name__ == "__main__":

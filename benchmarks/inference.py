@@ -257,11 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
              "prefix padding", "useful GFLOP/s"],
             [[x["batch"], x["questions_per_s"], x["speedup_vs_b1"], x["batch"], x["efficiency_vs_linear"],
               x["time_per_question_vs_b1"], x["prefix_padding_fraction"], x["useful_gflop_per_s"]] for x in throughput["rows"]]))
-    payload = {"benchmark": "inference", "env": env, "model": common.describe_model(model),
-               "args": vars(args), "repeats": repeats, "results": results, "throughput": throughput}
-    common.write_json(args.out, payload)
-    print(f"wrote {args.out}", file=sys.stderr)
-    return payload
+    return common.save_results(args, "inference", env, common.describe_model(model), repeats, results,
+                               throughput=throughput)
 
 
 if __name__ == "__main__":

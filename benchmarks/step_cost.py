@@ -179,18 +179,7 @@ def naive_loss(model: KavaModel, tb, sb, parts=NAIVE_PARTS):
 # one optimizer step per variant
 # ---------------------------------------------------------------------------
 def make_steps(model: KavaModel, tb, sb, grad_clip: float = 2.0, ablations: bool = False):
-    params = [p for p in model.parameters() if p.requires_grad]
-    # A tiny lr: weights barely move, so every round measures the same model (and no denormals).
-    opt = torch.optim.AdamW(params, lr=1e-7, weight_decay=0.1)
-
-    def step(loss_fn):
-        def run():
-            loss, _ = loss_fn()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return run
+    step = common.optimizer_steps(model, grad_clip)
 
     def unshared():
         train_cfg = model.cfg.train
@@ -332,11 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
             ["N teacher", "variant", "mem / mem(b)", "time / time(b)"],
             [[r["teacher_len"], k, v, r.get("ablation_time_over_b", {}).get(k, "-")]
              for r in results for k, v in r["ablation_mem_over_b"].items()]))
-    payload = {"benchmark": "step_cost", "env": env, "model": info,
-               "args": {k: v for k, v in vars(args).items()}, "repeats": repeats, "results": results}
-    common.write_json(args.out, payload)
-    print(f"wrote {args.out}", file=sys.stderr)
-    return payload
+    return common.save_results(args, "step_cost", env, info, repeats, results)
 
 
 if __name__ == "__main__":

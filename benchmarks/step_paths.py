@@ -27,18 +27,10 @@ import common  # noqa: E402
 
 
 def make_steps(model, tb, sb, grad_clip: float = 2.0):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-7, weight_decay=0.1)  # weights barely move between rounds
+    optimizer_step = common.optimizer_steps(model, grad_clip)
 
     def step(loss_fn, old: bool):
-        def run():
-            with common.old_step_path(model) if old else contextlib.nullcontext():
-                loss, _ = loss_fn()
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return run
+        return optimizer_step(loss_fn, (lambda: common.old_step_path(model)) if old else contextlib.nullcontext)
 
     return {
         "a_old": step(lambda: model.training_loss(tb, sb, teacher_only=True), old=True),
@@ -91,11 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         ["N teacher", "ratio", "median", "q1", "q3", "wall median"],
         [[r["teacher_len"], k, v["median"], v["q1"], v["q3"], r["wall_ratio_medians"][k]]
          for r in results for k, v in r["ratios"].items()]))
-    payload = {"benchmark": "step_paths", "env": env, "model": common.describe_model(model),
-               "args": vars(args), "repeats": repeats, "results": results}
-    common.write_json(args.out, payload)
-    print(f"wrote {args.out}", file=sys.stderr)
-    return payload
+    return common.save_results(args, "step_paths", env, common.describe_model(model), repeats, results)
 
 
 if __name__ == "__main__":

@@ -249,6 +249,9 @@ class KavaConfig:
         """Validation never reads a test split or rows the run trains on; row slices only where they apply."""
         from kava.data.formats import DataError, _looks_like_path, parse_split, splits_disjoint
 
+        def local(path: str) -> bool:
+            return _looks_like_path(path) or Path(path).expanduser().exists()
+
         d = self.data
         specs = {}
         for key in ("data.train_split", "data.eval_split"):
@@ -259,7 +262,7 @@ class KavaConfig:
         for key, path_key in (("data.train_split", "data.train_path"), ("data.eval_split", "data.eval_path")):
             path = config_value(self, path_key)
             # the training loop reads a local file whole (it passes no split), so a slice would be ignored
-            if specs[key] and path and (_looks_like_path(path) or Path(path).expanduser().exists()):
+            if specs[key] and path and local(path):
                 raise ConfigError(f"{key}={config_value(self, key)!r}: a row slice applies to hub ids, but "
                                   f"{path_key}={path!r} is a local file (split the file instead)")
         if not d.eval_path:
@@ -270,7 +273,7 @@ class KavaConfig:
                               "split (use the validation split, or hold out a slice of the train split: "
                               "train[-500:] with data.train_split=train[:-500]); score test with kava eval")
         same_source = d.eval_path.strip().lower() == d.train_path.strip().lower()
-        if same_source and (_looks_like_path(d.eval_path) or Path(d.eval_path).expanduser().exists()):
+        if same_source and local(d.eval_path):
             raise ConfigError(f"data.eval_path={d.eval_path!r} is the training file: validation would read the rows "
                               "the run trains on (expected a separate validation file)")
         if same_source and not splits_disjoint(d.train_split, d.eval_split):

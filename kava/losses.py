@@ -135,6 +135,13 @@ class LossShares:
     kv: float = 1.0  # valid (example, slot) pairs of the compressed teacher KV
 
 
+def supervised_iterations(iterations, kv_supervision: str) -> list[int]:
+    """The Jacobi iterations whose KV loss is trained (the others' are metrics only): ``last``, the largest;
+    ``all``, every t >= 1, or the only one, 0 (T = 0)."""
+    last = max(iterations)
+    return [last] if kv_supervision == "last" else [t for t in iterations if t >= 1] or [last]
+
+
 def total_loss(*, ce_student: Optional[Tensor], ce_teacher: Optional[Tensor],
                student_h: Optional[Tensor], teacher_h: Optional[Tensor],
                latent_kv: Optional[dict[int, tuple[Tensor, Tensor]]],
@@ -180,8 +187,7 @@ def total_loss(*, ce_student: Optional[Tensor], ce_teacher: Optional[Tensor],
 
     kv, iters = zero, {}
     if latent_kv and teacher_kv is not None:
-        last = max(latent_kv)
-        supervised = [last] if cfg.kv_supervision == "last" else [t for t in latent_kv if t >= 1] or [last]
+        supervised = supervised_iterations(latent_kv, cfg.kv_supervision)
         for t in sorted(latent_kv):
             k, v = latent_kv[t]
             with maybe_grad(cfg.alpha_kv if t in supervised else 0.0):

@@ -39,7 +39,7 @@ from kava.data.collate import make_batches as collate_examples
 from kava.eviction import CompressedKV, compress_kv, needs_importance
 from kava.latent import LatentTrace, QuestionState, run_latents
 from kava.rope import rotary_inv_freq, rotate_keys, slot_shifts
-from kava.losses import LossShares, total_loss
+from kava.losses import LossShares, supervised_iterations, total_loss
 from kava.token_rows import use_row_forward
 
 log = logging.getLogger(__name__)
@@ -103,12 +103,10 @@ def masked_ce(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
 
 
 def supervised_kv(latent_kv: dict, kv_supervision: str) -> dict:
-    """The iterations of ``latent_kv`` whose KV loss ``losses.total_loss`` trains on (``last``: the largest key;
-    ``all``: keys >= 1, or the only key 0); the others' KV losses are metrics only. total_loss, given this subset,
+    """The iterations of ``latent_kv`` whose KV loss ``losses.total_loss`` trains on
+    (``losses.supervised_iterations``); the others' KV losses are metrics only. total_loss, given this subset,
     picks the same iterations, so the loss is unchanged (tests/test_model.py)."""
-    last = max(latent_kv)
-    keep = [last] if kv_supervision == "last" else [t for t in latent_kv if t >= 1] or [last]
-    return {t: latent_kv[t] for t in keep}
+    return {t: latent_kv[t] for t in supervised_iterations(latent_kv, kv_supervision)}
 
 
 def question_from_teacher(cache, last_hidden: torch.Tensor, prefix_mask: torch.Tensor) -> QuestionState:
