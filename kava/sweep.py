@@ -219,6 +219,16 @@ def plan(spec: SweepSpec, out: Path) -> list[Job]:
     return jobs
 
 
+def extends(new: dict, old: dict) -> bool:
+    """``new`` keeps every key, variant and seed of ``old`` and only adds variants or seeds.
+
+    The finished runs of ``old`` are then runs of ``new`` too (their configs are still checked one by one).
+    """
+    same = all(new.get(k) == old.get(k) for k in set(new) | set(old) if k not in ("variants", "seeds"))
+    kept = all(new["variants"].get(name) == sets for name, sets in old["variants"].items())
+    return same and kept and set(old["seeds"]) <= set(new["seeds"])
+
+
 def check_trained_configs(jobs: list[Job], ignore: tuple[str, ...] = ()) -> None:
     """Refuse runs (and warm starts) already on disk under another resolved config, e.g. after a preset changed."""
     for j in jobs:
@@ -348,17 +358,25 @@ def run_sweep(spec: SweepSpec, out: Path, workers: int = 1, threads: int = 1, sp
             variant_config(spec, name, seed)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "spec.yaml"
+    now = json.loads(json.dumps(spec.to_dict()))
     if saved.exists():
         before = yaml.safe_load(saved.read_text())
-        if before != json.loads(json.dumps(spec.to_dict())):
-            raise ConfigError(f"{saved}: this sweep directory holds another spec; use another --output or delete {out}")
+        if before != now:
+            if not extends(now, before):
+                raise ConfigError(f"{saved}: this sweep directory holds another spec (a spec may only add variants "
+                                  f"or seeds to it); use another --output or delete {out}")
+            log.info("sweep %s: the spec adds variants or seeds; the finished runs are kept", out)
+            saved.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     else:
         saved.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     jobs = plan(spec, out)
     # With a synthetic task the model and data paths are the sweep's own per-seed files (a moved copy differs).
     check_trained_configs(jobs, ignore=("model.name_or_path", "data.train_path") if spec.task else ())
     warm_jobs = {(j.seed, j.name): j for j in jobs if j.kind == "warm"}
-    todo = [j for j in jobs if j.kind == "run" and not (j.run_dir / f"result_{split}.json").exists()]
+    # Variant by variant (all seeds of the first, then the next): a sweep stopped early has whole variants.
+    order = list(spec.variants)
+    todo = sorted((j for j in jobs if j.kind == "run" and not (j.run_dir / f"result_{split}.json").exists()),
+                  key=lambda j: (order.index(j.name), spec.seeds.index(j.seed)))
     if not train:
         missing = [f"seed{j.seed}/{j.name}" for j in todo if not (j.run_dir / "DONE").exists()]
         if missing:

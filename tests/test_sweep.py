@@ -464,3 +464,30 @@ def test_a_moved_sweep_is_scored_from_its_own_checkpoints(swept, tmp_path, monke
     (copy / f"seed{SEEDS[0]}" / VARIANTS[0] / "result_test.json").unlink()
     shutil.rmtree(copy / f"seed{SEEDS[0]}" / VARIANTS[0] / "checkpoints" / f"step-{BUDGET:06d}")
     assert sweep.main([str(spec), "--output", str(copy), "--split", "test", "--no-train"]) == 1
+
+
+def test_a_spec_that_adds_a_variant_trains_only_that_variant(swept, tmp_path, capsys):
+    """A sweep may grow: a spec that keeps every variant and seed and adds one trains only the new runs."""
+    from kava.cli import main
+
+    spec, out = swept
+    copy = tmp_path / "grown"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*_test*", "report_test.*"))
+    kept = snapshot(copy, skip=lambda rel: rel.startswith(("report_", "spec.yaml")) or "/sum" in rel or "/warm_" in rel)
+    grown = write_spec(tmp_path / "grown.yaml", variants={**SPEC["variants"], "sum": ["loss.kv_reduction=sum"]})
+    assert sweep.main([str(grown), "--output", str(copy), "--workers", "1"]) == 0
+    assert snapshot(copy, skip=lambda rel: rel.startswith(("report_", "spec.yaml")) or "/sum" in rel
+                    or "/warm_" in rel) == kept
+    for seed in SEEDS:
+        assert (copy / f"seed{seed}" / "sum" / "DONE").exists()
+    report = json.loads((copy / "report_valid.json").read_text())
+    assert set(report["variants"]) == {"kava", "pccot", "sum"}
+    assert yaml.safe_load((copy / "spec.yaml").read_text())["variants"]["sum"] == ["loss.kv_reduction=sum"]
+    # Changing a variant that has runs (or the shared sets) is another experiment: refused, nothing written.
+    for changed in ({"variants": {"kava": ["train.lr=0.001"], "pccot": ["method=pccot"]}},
+                    {"sets": SPEC["sets"] + ["train.lr=0.001"]}, {"seeds": [0]}):
+        before = snapshot(copy)
+        bad = write_spec(tmp_path / "changed.yaml", **changed)
+        assert main(["sweep", str(bad), "--output", str(copy)]) == 2
+        assert "may only add variants or seeds" in capsys.readouterr().err
+        assert snapshot(copy) == before
