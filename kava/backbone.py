@@ -130,6 +130,7 @@ def load_backbone(cfg: ModelCfg, capture_importance: bool = True,
 
 def add_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     """Add <bot>, <eot>, <latent> (and a pad token if missing); resize the embeddings."""
+    known = len(tokenizer)
     missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)}, replace_extra_special_tokens=False)
@@ -138,7 +139,12 @@ def add_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     old_rows = model.get_input_embeddings().weight.shape[0]
     if old_rows < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        _init_new_rows(model, old_rows, len(tokenizer))
+    # The rows of the new ids start at the mean of the tokenizer's own rows, whether they were just added or
+    # were spare rows already there (Qwen2.5's embedding has more rows than its tokenizer; spare rows hold
+    # untrained values). The mean is over the rows of known tokens only.
+    start = min(known, old_rows)
+    if start < len(tokenizer):
+        _init_new_rows(model, start, len(tokenizer))
     return {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
 
 

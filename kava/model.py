@@ -154,7 +154,7 @@ class KavaModel(nn.Module):
         """Wrap an already loaded HF causal LM (e.g. ``AutoModelForCausalLM.from_pretrained(...)``) and its tokenizer.
 
         Modifies both in place, where they are: adds ``<bot>``, ``<eot>``, ``<latent>`` (and a pad token if
-        there is none) to ``tokenizer`` and resizes the embeddings (new rows start at the mean embedding);
+        there is none) to ``tokenizer`` and resizes the embeddings if needed (the new tokens' rows, added or spare, start at the mean embedding of the known tokens);
         routes attention through the importance-capturing wrapper of the kernel the backbone already uses
         (an ``eager`` backbone gets ``config.model.attn_implementation``, ``sdpa`` by default); applies LoRA per
         ``config.lora`` (``lora.enabled=false``: every weight becomes trainable); adds the projection head
