@@ -223,14 +223,30 @@ def _describe_task(name: str) -> str:
             f"* operands {r.mul[0]}..{r.mul[1]}, starting amounts {r.start[0]}..{r.start[1]}")
 
 
-def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str]) -> dict:
+def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str], workers: int = 2) -> dict:
+    """``workers=2``: KaVa and No-CoT train side by side in two single-thread processes (the two runs are
+    independent; one thread per process also avoids the OpenMP stalls of 2 threads on a shared 2-core machine,
+    docs/perf.md). ``workers=1``: one after the other in this process, at its torch thread count."""
     t_start = time.perf_counter()
     task = prepare_task(out, seed, sizes)
     train_path, test_path, model_dir = task.train, task.test, task.model_dir
     kava_cfg = demo_config(model_dir, train_path, seed, extra)
     nocot_cfg = kava_cfg.override(["method=nocot", "train.curriculum_cot_steps=0"])
-    kava = train_and_eval("kava", kava_cfg, out, test_path, ["latent", "cot"])
-    nocot = train_and_eval("nocot", nocot_cfg, out, test_path, ["direct"])
+    jobs = {"kava": (kava_cfg, ["latent", "cot"]), "nocot": (nocot_cfg, ["direct"])}
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        from kava.sweep import _init_worker
+
+        with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn"), initializer=_init_worker,
+                                 initargs=(1,)) as pool:
+            futures = {name: pool.submit(train_and_eval, name, cfg, out, test_path, modes)
+                       for name, (cfg, modes) in jobs.items()}
+            done = {name: f.result() for name, f in futures.items()}
+    else:
+        done = {name: train_and_eval(name, cfg, out, test_path, modes) for name, (cfg, modes) in jobs.items()}
+    kava, nocot = done["kava"], done["nocot"]
     plotted = plot_curves({"KaVa": out / "kava", "No-CoT": out / "nocot"}, out / "training_curves.png")
     wall = time.perf_counter() - t_start
     lat, nc = kava["latent"], nocot["direct"]
@@ -252,7 +268,9 @@ def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str]) -> dict:
         "",
         f"KaVa-latent minus No-CoT: {gap:+.1f} points; CIs {'do not overlap' if disjoint else 'overlap'}. "
         f"Bar (>= +10 points, disjoint CIs): {'MET' if bar else 'NOT MET'}.",
-        f"Wall time of this demo: {wall:.0f} s.",
+        f"Wall time of this demo: {wall:.0f} s "
+        + ("(KaVa and No-CoT trained side by side, one thread each)." if workers > 1 else
+           f"(KaVa, then No-CoT; {torch.get_num_threads()} torch threads)."),
         "",
         "Accuracy % by number of reasoning steps: " + "; ".join(
             f"{label} " + " / ".join(f"{k}: {100 * v:.0f}" for k, v in rep["accuracy_by_steps"].items())
@@ -263,7 +281,7 @@ def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str]) -> dict:
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     result = {"seed": seed, "task": sizes.task, "kava": kava, "nocot": nocot, "gap_points": gap, "ci_disjoint": disjoint,
-              "bar_met": bar, "wall_s": wall}
+              "bar_met": bar, "wall_s": wall, "workers": workers}
     (out / "report.json").write_text(json.dumps(result, indent=1))
     print(text)
     return result
@@ -289,24 +307,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablate", action="store_true",
                    help="run METHOD.md's ablations instead of the demo: the sweep spec kava/presets/sweeps/ablate-demo.yaml "
                         "(the same as 'kava sweep ablate-demo'; report_valid.md in --output)")
-    p.add_argument("--workers", type=int, default=1, help="with --ablate: parallel single-thread worker processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="parallel single-thread worker processes (demo: 2, KaVa and No-CoT side by side; 1 trains "
+                        "them one after the other at --threads; --ablate: default 1)")
     p.add_argument("--task", default="small", choices=sorted(TASKS),
                    help="number sizes of the synthetic problems: small (values <= 60, the default) or "
                         "sizing (values <= 200, the task of docs/DEMO_SIZING)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default); use 1 on a busy machine")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads with --workers 1 (0 = torch default; workers use 1 each)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = replace(QUICK if args.quick else DemoSizes(), task=args.task)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    if args.workers is not None and args.workers < 1:
+        p.error(f"--workers: must be >= 1, got {args.workers}")
     if args.ablate:
-        if args.workers < 1:
-            p.error(f"--workers: must be >= 1, got {args.workers}")
-        run_ablation(out, args.seed, args.task, args.sets, args.workers, quick=args.quick)
+        run_ablation(out, args.seed, args.task, args.sets, args.workers or 1, quick=args.quick)
     else:
-        run_demo(out, args.seed, sizes, args.sets)
+        run_demo(out, args.seed, sizes, args.sets, workers=2 if args.workers is None else args.workers)
     return 0
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import torch
+
 from kava.demo import main
 
 
@@ -37,6 +39,40 @@ def test_demo_quick_end_to_end(tmp_path):
     assert json.loads((out / "data" / "task.json").read_text())["task"] == "small"
     assert all(int(t["answer"]) <= 60 for t in [json.loads(x) for x in (out / "data" / "test.jsonl").read_text().splitlines()])
     assert "task `small`" in md
+
+
+def test_side_by_side_demo_equals_the_one_after_the_other_demo_at_one_thread(tmp_path):
+    """Two single-thread workers (the default) train and score exactly what one single-thread process does."""
+    from safetensors.torch import load_file
+
+    sets = ["--set", "train.max_steps=2", "--set", "train.curriculum_cot_steps=1", "--set", "train.global_batch_size=8",
+            "--set", "train.micro_batch_size=4", "--set", "eval.max_cot_tokens=8"]
+    reports = {}
+    for name, args in (("side_by_side", []), ("sequential", ["--workers", "1", "--threads", "1"])):
+        before = torch.get_num_threads()
+        try:
+            assert main(["--quick", "--output", str(tmp_path / name), *sets, *args]) == 0
+        finally:
+            torch.set_num_threads(before)
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    a, b = reports["side_by_side"], reports["sequential"]
+    assert (a["workers"], b["workers"]) == (2, 1)
+    for run, mode in (("kava", "latent"), ("kava", "cot"), ("nocot", "direct")):
+        assert a[run][mode]["accuracy"] == b[run][mode]["accuracy"], (run, mode)
+        pa, pb = ([{k: v for k, v in json.loads(x).items() if k != "latency_s"}
+                   for x in (tmp_path / d / run / f"predictions_{mode}.jsonl").read_text().splitlines()]
+                  for d in ("side_by_side", "sequential"))
+        assert pa == pb, (run, mode)
+    for run in ("kava", "nocot"):
+        final = sorted((tmp_path / "side_by_side" / run / "checkpoints").glob("step-*"))[-1].name
+        # every weight file; not rng.safetensors, the process's generator state (steps reseed from (seed, step))
+        files = [f for f in (tmp_path / "side_by_side" / run / "checkpoints" / final).rglob("*.safetensors")
+                 if f.name != "rng.safetensors"]
+        assert files
+        for f in sorted(files):
+            rel = f.relative_to(tmp_path / "side_by_side")
+            wa, wb = load_file(f), load_file(tmp_path / "sequential" / rel)
+            assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), (run, rel)
 
 
 def test_demo_refuses_a_run_directory_of_another_task(tmp_path):
