@@ -645,8 +645,14 @@ def resolve_benchmark(name: str, local_dir: str | Path | None = None) -> tuple[s
     """Short benchmark name -> ``(path_or_id, format, split, hub_config)``.
 
     Prefers the local file in ``local_dir`` (default :func:`default_data_dir`)
-    when it exists; otherwise the hub id with its config and split.
+    when it exists; otherwise the hub id with its config and split. A benchmark's hub id
+    (``openai/gsm8k``, any case) names that hub dataset: it resolves to the hub id with the
+    benchmark's config and split, which the hub needs (``openai/gsm8k`` has two configs, SVAMP and
+    MultiArith two splits), never to the local file.
     """
+    for short, (hub_id, config, split, _) in BENCHMARKS.items():
+        if name.strip().lower() == hub_id.lower():
+            return hub_id, short, split, config
     key = name.strip().lower().replace("_", "-")
     key = {"gsmhard": "gsm-hard", "gsm8k-test": "gsm8k"}.get(key, key)
     if key not in BENCHMARKS:
