@@ -84,6 +84,8 @@ SHAPES = {
     # head, MLP 4x, tied embeddings, embedding/LM-head ~26% of all weights as in LLaMA-1B) so that the
     # matmuls, not Python overhead, dominate a training step at 128-512 tokens.
     "small": Shape(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=2048, vocab=16384),
+    # The demo's model (kava demo, kava/demo.py DemoSizes): 1.9 M parameters, trained without LoRA.
+    "demo": Shape(hidden=192, layers=4, heads=4, kv_heads=2, intermediate=576),
     # LLaMA-3.2-1B shape (random weights), for gpu.sh.
     "llama1b": Shape(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256),
 }
@@ -164,7 +166,7 @@ def describe_model(model: KavaModel) -> dict:
         "kv_heads": c.num_key_value_heads, "intermediate": c.intermediate_size, "vocab": c.vocab_size,
         "params": total, "trainable_params": trainable, "lora_r": model.cfg.lora.r,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "attn_implementation": model.lm.get_base_model().config._attn_implementation,
+        "attn_implementation": model.config._attn_implementation,
     }
 
 
@@ -416,18 +418,22 @@ def save_results(args, benchmark: str, env: dict, model_info: dict, repeats: int
 
 
 def optimizer_steps(model, grad_clip: float = 2.0) -> Callable:
-    """``step(loss_fn, context=nullcontext) -> run``: ``run()`` is one AdamW step on ``model``'s trainable
-    weights (forward and backward inside ``context()``). A tiny lr: the weights barely move, so every round
-    measures the same model (and no denormals)."""
+    """``step(loss_fn, context=nullcontext, host_reads=False) -> run``: ``run()`` is one AdamW step on ``model``'s
+    trainable weights (forward and backward inside ``context()``). A tiny lr: the weights barely move, so every
+    round measures the same model (and no denormals). ``host_reads``: read the loss, the metrics and the grad norm
+    back every step, as the training loop did before issue 13 item 1 (each read waits for the device)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-7, weight_decay=0.1)
 
-    def step(loss_fn: Callable, context: Callable = contextlib.nullcontext) -> Callable[[], None]:
+    def step(loss_fn: Callable, context: Callable = contextlib.nullcontext,
+             host_reads: bool = False) -> Callable[[], None]:
         def run():
             with context():
-                loss, _ = loss_fn()
+                loss, metrics = loss_fn()
                 loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            if host_reads:
+                float(loss), dict(metrics), float(norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
         return run
@@ -617,17 +623,67 @@ def peft_token_rows(model: KavaModel):
 
 
 @contextlib.contextmanager
-def old_step_path(model: KavaModel):
+def old_step_path(model: KavaModel, host_syncs: bool = False):
     """The training step as it was before issue 13 items 2-3, for before/after figures: peft's trainable-token
     forward and a DynamicCache that copies the prefix KV in every latent pass. (The third change, skipping
-    metric-only work off logging steps, is the caller's ``training_loss(..., log_metrics=True)``.)"""
+    metric-only work off logging steps, is the caller's ``training_loss(..., log_metrics=True)``.)
+
+    ``host_syncs``: also item 1's, the CE terms on a boolean mask (:func:`boolean_mask_ce`, whose count is read
+    back); the per-step reads of the loss, metrics and grad norm are ``optimizer_steps``' ``host_reads``."""
     import kava.latent
+    import kava.model
     from transformers import DynamicCache
 
-    new_cache_from = kava.latent._cache_from
+    new_cache_from, new_ce = kava.latent._cache_from, kava.model.masked_ce
     kava.latent._cache_from = lambda kv: DynamicCache(ddp_cache_data=kv)
+    if host_syncs:
+        kava.model.masked_ce = boolean_mask_ce
     try:
         with peft_token_rows(model):
             yield
     finally:
-        kava.latent._cache_from = new_cache_from
+        kava.latent._cache_from, kava.model.masked_ce = new_cache_from, new_ce
+
+
+def boolean_mask_ce(hidden: torch.Tensor, labels: torch.Tensor, lm_head, label_index=None) -> torch.Tensor:
+    """``kava.model.masked_ce`` before issue 13 item 1: the labelled positions picked with a boolean mask on the
+    device (two reads of its count per call), not the host-built ``label_index``. Same value."""
+    import torch.nn.functional as F
+
+    from kava.data.collate import IGNORE
+
+    targets = labels[:, 1:]
+    where = targets != IGNORE
+    return F.cross_entropy(lm_head(hidden[:, :-1][where]).float(), targets[where])
+
+
+# ---------------------------------------------------------------------------
+# issue 13 item 4: the compiled latent passes (latent.compile)
+# ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def compiled_latents(model: KavaModel, compiled):
+    """The KaVa step with ``latent.compile`` on, running ``compiled`` (a ``kava.latent.compile_fixed_pass`` of
+    this model) for the duration: variants with different compiled passes can be interleaved on one model."""
+    from dataclasses import replace
+
+    cfg, had = model.cfg, model.__dict__.get("_compiled_pass")
+    model.cfg = replace(cfg, latent=replace(cfg.latent, compile=True))
+    model.__dict__["_compiled_pass"] = compiled
+    try:
+        yield
+    finally:
+        model.cfg = cfg
+        if had is None:
+            model.__dict__.pop("_compiled_pass", None)
+        else:
+            model.__dict__["_compiled_pass"] = had
+
+
+def dynamo_counts(functions: int = 1) -> dict:
+    """torch._dynamo's counters so far: frames compiled, graphs, graph breaks, and recompilations (frames compiled
+    again after a guard failed: frames compiled minus the ``functions`` compiled, here the one latent pass)."""
+    from torch._dynamo.utils import counters
+
+    frames = int(counters["frames"].get("ok", 0))
+    return {"frames_compiled": frames, "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "recompiles": max(0, frames - functions), "graph_breaks": int(sum(counters["graph_break"].values()))}

@@ -264,11 +264,14 @@ def seal(directory: str | Path, **info: Any) -> Path:
 # save
 # ----------------------------------------------------------------------------
 def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, scheduler, train_state: dict,
-                    keep_last: int, scaler=None) -> Path:
+                    keep_last: int, scaler=None, *, model_state: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
     """Write ``output_dir/checkpoints/step-XXXXXX`` atomically; keep the newest ``keep_last``. -> its path.
 
     ``model`` is the (unwrapped) :class:`kava.model.KavaModel`; ``scaler`` the fp16 loss scaler
-    (``accelerator.scaler``; None without one).
+    (``accelerator.scaler``; None without one). A sharded (``train.fsdp``) run passes the full states its
+    ranks gathered (:func:`kava.sharding.full_model_state`, :func:`kava.sharding.full_optimizer_state`):
+    the weights and the optimizer state are then written from them, in the same files.
     """
     root = Path(output_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -278,8 +281,8 @@ def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, schedul
         shutil.rmtree(tmp)
     tmp.mkdir()
 
-    model.save(tmp)
-    _save_state(optimizer.state_dict(), tmp, "optimizer")
+    model.save(tmp, state_dict=model_state)  # model_state: a sharded run's gathered weights
+    _save_state(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp, "optimizer")
     (tmp / "scheduler.json").write_text(json.dumps(flatten_state(scheduler.state_dict(), _no_tensors("scheduler"))))
     if scaler is not None and scaler.is_enabled():
         (tmp / "scaler.json").write_text(json.dumps(flatten_state(scaler.state_dict(), _no_tensors("loss scaler"))))
@@ -418,7 +421,26 @@ def load_model_weights(path: Path, model) -> None:
         model.projection.load_state_dict(load_file(path / "projection.safetensors"))
 
 
-def load_checkpoint(path: str | Path, model, optimizer, scheduler, branch: bool = False, scaler=None) -> dict:
+def load_checkpoint_weights(path: str | Path, model, branch: bool = False) -> None:
+    """Verify a complete checkpoint, check it fits ``model``'s config, load its weights into ``model``.
+
+    A sharded run calls this before sharding (every rank reads the files; ``fully_shard`` then keeps each
+    rank's slice of them), then :func:`load_checkpoint` with ``weights=False`` for the rest.
+    """
+    p = Path(path)
+    _check_loadable(p, model, branch)
+    load_model_weights(p, model)
+
+
+def _check_loadable(p: Path, model, branch: bool) -> None:
+    reason = verify_checkpoint(p)
+    if reason is not None:
+        raise CheckpointError(f"{p}: incomplete or corrupt checkpoint ({reason}); refusing to load")
+    check_compatible(p, model.cfg, SHAPE_KEYS if branch else MUST_MATCH)
+
+
+def load_checkpoint(path: str | Path, model, optimizer, scheduler, branch: bool = False, scaler=None, *,
+                    weights: bool = True, set_optimizer_state=None) -> dict:
     """Restore model weights, optimizer, scheduler, loss scaler and RNG from a complete checkpoint. -> train_state.
 
     ``branch``: the loading run has its own config (an ablation branching off a shared warm start);
@@ -428,13 +450,14 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, branch: bool 
     ``scheduler`` is the :class:`torch.optim.lr_scheduler.LambdaLR` of ``kava.train.build_scheduler``.
     ``scaler``: the fp16 GradScaler; a checkpoint without ``scaler.json`` (no fp16, or an older kava)
     leaves it at its initial scale.
+    ``weights=False``: the weights were loaded already (:func:`load_checkpoint_weights`); the files are still
+    verified. ``set_optimizer_state(state)``: loads the saved (full, index-keyed) optimizer state instead of
+    ``optimizer.load_state_dict`` (a sharded optimizer: :func:`kava.sharding.load_optimizer_state`).
     """
     p = Path(path)
-    reason = verify_checkpoint(p)
-    if reason is not None:
-        raise CheckpointError(f"{p}: incomplete or corrupt checkpoint ({reason}); refusing to load")
-    check_compatible(p, model.cfg, SHAPE_KEYS if branch else MUST_MATCH)
-    load_model_weights(p, model)
+    _check_loadable(p, model, branch)
+    if weights:
+        load_model_weights(p, model)
     if optimizer is not None:
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         saved = _load_state(p, "optimizer")
@@ -443,7 +466,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, branch: bool 
         if ours != theirs:
             raise CheckpointError(f"{p}: the checkpoint's optimizer has parameter groups of sizes {theirs}, this run's "
                                   f"{ours} (train.weight_decay_scope or the trainable parameters differ); refusing to load")
-        optimizer.load_state_dict(saved)
+        (optimizer.load_state_dict if set_optimizer_state is None else set_optimizer_state)(saved)
         if branch:  # a branch trains under its own config: every hyper-parameter as this run built it
             for group, own in zip(optimizer.param_groups, fresh):
                 group.update(own)

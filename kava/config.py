@@ -54,6 +54,7 @@ class LatentCfg:
     mode: Literal["jacobi", "sequential"] = _f("jacobi", "latent computation: jacobi (PCCoT, parallel) or sequential (CODI, one token per pass)")
     use_projection: bool = _f(True, "map hidden states to latent inputs through Linear-GELU-Linear-LayerNorm (false = identity)")
     projection_scale: Literal["unit", "embedding"] = _f("unit", "initial LayerNorm gain of prj: unit (1, as CODI) or embedding (latents start at the mean token-embedding norm)")
+    compile: bool = _f(False, "torch.compile the fixed-shape M-slot passes (Jacobi iterations; pass 0 on a shared question pass); off until measured faster (docs/perf.md section 10)")
 
 
 @dataclass
@@ -123,6 +124,7 @@ class TrainCfg:
     curriculum_cot_steps: int = _f(0, "first N steps train the teacher CE only (warm-start the CoT teacher)")
     curriculum_ramp_steps: int = _f(0, "after the curriculum, the student terms grow linearly from 0 to full weight over N steps")
     share_question_pass: bool = _f(True, "student reuses the teacher pass's Q <bot> KV (same values, one question pass fewer per step)")
+    fsdp: bool = _f(False, "with several processes, shard the model with FSDP2 (one unit per decoder layer) instead of DDP; launch without accelerate's --use_fsdp")
 
 
 @dataclass
@@ -237,13 +239,32 @@ class KavaConfig:
             ("train.max_bad_steps", self.train.max_bad_steps >= 1, "must be >= 1"),
             ("train.curriculum_cot_steps", self.train.curriculum_cot_steps >= 0, "must be >= 0"),
             ("train.curriculum_ramp_steps", self.train.curriculum_ramp_steps >= 0, "must be >= 0"),
+            ("train.fsdp", not (self.train.fsdp and self.train.mixed_precision == "fp16"),
+             "does not support train.mixed_precision=fp16 (the loss scaler would decide per shard); use bf16"),
             ("eval.batch_size", self.eval.batch_size >= 1, "must be >= 1"),
             ("eval.max_answer_tokens", self.eval.max_answer_tokens >= 1, "must be >= 1"),
         ]
         for key, ok, what in checks:
             if not ok:
                 raise ConfigError(f"{key}={config_value(self, key)!r}: {what}")
+        self._check_compile()
         self._check_data_splits()
+
+    def _check_compile(self) -> None:
+        """``latent.compile`` needs a fixed-shape M-slot pass to compile (Jacobi mode: the iterations, or pass 0
+        on the shared question pass)."""
+        lat = self.latent
+        if not (lat.compile and self.uses_latents):
+            return
+        if lat.mode == "sequential":
+            raise ConfigError("latent.compile=True: sequential latents (latent.mode=sequential, method=codi) run "
+                              "one token per pass on a growing cache, with no fixed-shape pass to compile")
+        if lat.num_iterations == 0 and not self.train.share_question_pass:
+            raise ConfigError("latent.compile=True: nothing to compile with latent.num_iterations=0 and "
+                              "train.share_question_pass=false (pass 0 then runs the whole prefix)")
+        if self.train.fsdp:
+            raise ConfigError("latent.compile=True with train.fsdp=true: compiling through FSDP2's per-layer hooks "
+                              "is untested; use one of them")
 
     def _check_data_splits(self) -> None:
         """Validation never reads a test split or rows the run trains on; row slices only where they apply."""

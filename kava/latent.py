@@ -2,6 +2,10 @@
 
 Every pass carries the attention mask and position ids that the left-padded
 prefix implies, so an example gives the same latents alone or in a padded batch.
+
+The Jacobi passes (and pass 0 on a shared question pass) all run M slots on top of a prefix KV that does not
+change: :func:`fixed_shape_pass` is that pass as a function of tensors only, which ``latent.compile`` hands to
+``torch.compile`` (:func:`compile_fixed_pass`).
 """
 from __future__ import annotations
 
@@ -78,6 +82,47 @@ def _split_cache(cache: DynamicCache, at: int) -> tuple[list, tuple[torch.Tensor
     return head, (k, v)
 
 
+# The backend of ``latent.compile``. Tests set "aot_eager" (dynamo + AOTAutograd without code generation) to check
+# the traced graph in seconds; inductor's own numerics are checked by a slow test (tests/test_latent.py).
+COMPILE_BACKEND = "inductor"
+
+FixedPass = Callable[..., tuple[torch.Tensor, list, tuple[torch.Tensor, torch.Tensor]]]
+
+
+def fixed_shape_pass(decoder: Callable) -> FixedPass:
+    """The M-slot latent pass on a prefix KV, as a function of tensors only.
+
+    ``run(z [B, M, D], mask [B, Nq + M], positions [B, M], prefix_kv per layer (K, V) [B, H, Nq, d])``
+    -> (last hidden [B, M, D], per layer (K, V) of prefix + slots [B, H, Nq + M, d], the slots' (K, V) stacked
+    [B, L, H, M, d]). Shapes depend on B, Nq and M only, so every Jacobi iteration of every step with the same
+    question length runs the same graph. The DynamicCache lives inside the function (no cache object crosses
+    its boundary), so ``torch.compile`` needs no StaticCache: a static in-place cache would not do in training
+    anyway (``_cache_from``). Eager, it is exactly what the passes did before (bit-identical).
+    """
+
+    def run(z, mask, positions, prefix_kv):
+        h, cache = decoder(z, mask, positions, _cache_from(prefix_kv))
+        at = prefix_kv[0][0].shape[-2]
+        _, stacked = _split_cache(cache, at)
+        return h, [(layer.keys, layer.values) for layer in cache.layers], stacked
+
+    return run
+
+
+def compile_fixed_pass(decoder: Callable, backend: str | None = None, dynamic: bool | None = None) -> FixedPass:
+    """``torch.compile`` of :func:`fixed_shape_pass` (``latent.compile``).
+
+    Shapes: ``dynamic=None`` (torch's automatic dynamic shapes, what ``latent.compile`` uses): the first call
+    compiles for its question length Nq, the first call with another length recompiles once with the varying
+    sizes symbolic, later lengths reuse it. ``dynamic=False`` (benchmarks): one graph per shape. Grad mode and
+    train/eval are guarded: inference (no grad) compiles its own graph. LoRA dropout inside a compiled graph
+    draws from inductor's RNG (seeded from torch's), not the eager stream: the same distribution, other masks.
+    The weights are graph inputs (dynamo inlines the modules), so another model of the same architecture in the
+    same process reuses the graphs.
+    """
+    return torch.compile(fixed_shape_pass(decoder), backend=backend or COMPILE_BACKEND, dynamic=dynamic)
+
+
 def run_latents(
     decoder: Callable,
     embed: Callable[[torch.Tensor], torch.Tensor],
@@ -90,12 +135,15 @@ def run_latents(
     mode: str = "jacobi",
     keep_history: bool = False,
     question: QuestionState | None = None,
+    fixed_pass: FixedPass | None = None,
 ) -> LatentTrace:
     """Run latent reasoning on ``Q <bot>`` (left-padded prefix_ids/prefix_mask [B, Nq]).
 
     decoder(inputs_embeds, attention_mask, position_ids, cache) -> (last hidden [B, n, D], cache)
     question: the prefix already computed (its KV and <bot> hidden state); pass 0 then runs the
     latent slots only, on top of it. Same values as computing the prefix here.
+    fixed_pass: runs the Jacobi passes (and pass 0 on ``question``); default ``fixed_shape_pass(decoder)``,
+    eager; ``latent.compile`` gives :func:`compile_fixed_pass`. Sequential mode does not use it.
     """
     B, Nq = prefix_ids.shape
     M = num_tokens
@@ -122,6 +170,7 @@ def run_latents(
                            n_valid + M, M + (question is None), history)
 
     # Pass 0: Q <bot> then M copies of <latent>, in one call; keep the prefix KV.
+    fixed_pass = fixed_pass or fixed_shape_pass(decoder)
     latent_emb = embed(torch.full((B, M), latent_id, dtype=torch.long, device=prefix_ids.device))
     if question is None:
         h0, cache = decoder(
@@ -131,10 +180,13 @@ def run_latents(
             None,
         )
         h_bot, h_slots = h0[:, Nq - 1 : Nq], h0[:, Nq:]
+        prefix_kv, kv = _split_cache(cache, Nq)
     else:
-        h_slots, cache = decoder(latent_emb, full_mask, latent_pos, _cache_from(question.kv))
+        h_slots, full_kv, kv = fixed_pass(latent_emb, full_mask, latent_pos, question.kv)
+        # The iterations read the question's own KV: equal to the cache's first Nq slots, and in the same
+        # (contiguous) layout as pass 0's input, so one compiled graph serves pass 0 and the iterations.
+        cache, prefix_kv = _cache_from(full_kv), question.kv
         h_bot = question.last_hidden[:, None]
-    prefix_kv, kv = _split_cache(cache, Nq)
     latent_kv = {0: kv}
     consumed = latent_emb
     if num_iterations == 0 and not keep_history:
@@ -146,8 +198,8 @@ def run_latents(
         history.append(z)
     for t in range(1, num_iterations + 1):
         # Iteration t: all M latents in one pass on top of the (never recomputed) prefix cache.
-        h, cache = decoder(z, full_mask, latent_pos, _cache_from(prefix_kv))
-        _, latent_kv[t] = _split_cache(cache, Nq)
+        h, full_kv, latent_kv[t] = fixed_pass(z, full_mask, latent_pos, prefix_kv)
+        cache = _cache_from(full_kv)
         consumed = z
         if t == num_iterations and not keep_history:
             break  # the update after the last pass would feed nothing

@@ -37,7 +37,7 @@ from kava.data.collate import (
 )
 from kava.data.collate import make_batches as collate_examples
 from kava.eviction import CompressedKV, compress_kv, needs_importance
-from kava.latent import LatentTrace, QuestionState, run_latents
+from kava.latent import LatentTrace, QuestionState, compile_fixed_pass, fixed_shape_pass, run_latents
 from kava.rope import rotary_inv_freq, rotate_keys, slot_shifts
 from kava.losses import LossShares, supervised_iterations, total_loss
 from kava.token_rows import use_row_forward
@@ -264,6 +264,17 @@ class KavaModel(nn.Module):
 
         return call
 
+    def _fixed_pass(self):
+        """The M-slot latent pass (:func:`kava.latent.fixed_shape_pass`): eager, or with ``latent.compile``
+        compiled once per model and kept (``torch.compile`` caches its graphs on it)."""
+        if not self.cfg.latent.compile:
+            return fixed_shape_pass(self._decoder_fn())
+        compiled = self.__dict__.get("_compiled_pass")
+        if compiled is None:
+            compiled = compile_fixed_pass(self._decoder_fn())
+            self.__dict__["_compiled_pass"] = compiled
+        return compiled
+
     # ---- teacher -----------------------------------------------------------
     def teacher(self, batch: TeacherBatch, capture_importance: bool = True,
                 question_mask: torch.Tensor | None = None) -> TeacherOutput:
@@ -351,7 +362,7 @@ class KavaModel(nn.Module):
         return run_latents(
             self._decoder_fn(), self.embed, self.projection, prefix_ids, prefix_mask,
             self.special_ids["<latent>"], lat.num_tokens, lat.num_iterations, lat.mode, keep_history,
-            question,
+            question, self._fixed_pass(),
         )
 
     def student(self, batch: StudentBatch, use_latents: bool = True,
@@ -574,20 +585,26 @@ class KavaModel(nn.Module):
         return tokens, lengths
 
     # ---- save / load -------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, state_dict: dict | None = None) -> Path:
         """Write a KaVa checkpoint: adapter (or full weights) + projection as safetensors, tokenizer, resolved
-        config, metadata (layout: docs/design.md). Reload it with :meth:`from_pretrained`."""
+        config, metadata (layout: docs/design.md). Reload it with :meth:`from_pretrained`.
+
+        ``state_dict``: write these weights instead of the module's own, ``{"lm": {model.lm state-dict key:
+        tensor}, "projection": {...}}`` (a sharded run's gathered full state, :func:`kava.sharding.full_model_state`).
+        """
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.cfg.to_yaml(d / "config.yaml")
         self.tokenizer.save_pretrained(d / "tokenizer")
+        lm_state = {} if state_dict is None else {"state_dict": state_dict["lm"]}
         if self.cfg.lora.enabled:
             # New rows are re-derived on load (mean init), the trainable-token deltas live in the adapter.
-            self.lm.save_pretrained(d / "adapter", safe_serialization=True, save_embedding_layers=False)
+            self.lm.save_pretrained(d / "adapter", safe_serialization=True, save_embedding_layers=False, **lm_state)
         else:
-            self.lm.save_pretrained(d / "model", safe_serialization=True)
+            self.lm.save_pretrained(d / "model", safe_serialization=True, **lm_state)
         if self.projection.enabled:
-            save_file({k: v.detach().contiguous() for k, v in self.projection.state_dict().items()}, d / "projection.safetensors")
+            projection = self.projection.state_dict() if state_dict is None else state_dict["projection"]
+            save_file({k: v.detach().contiguous() for k, v in projection.items()}, d / "projection.safetensors")
         (d / "kava_meta.json").write_text(json.dumps(self.metadata(), indent=1))
         return d
 

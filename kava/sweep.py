@@ -54,7 +54,7 @@ SPLITS = ("valid", "test")
 _WARM_FREE_PREFIXES = ("loss.", "latent.", "eviction.", "eval.")
 _WARM_NOT_FREE = ("loss.teacher_weight", "latent.use_projection")
 _WARM_FREE_KEYS = ("train.curriculum_ramp_steps", "train.save_every", "train.keep_last", "train.log_every",
-                   "train.eval_every", "train.tensorboard")
+                   "train.eval_every", "train.tensorboard", "train.fsdp")  # fsdp: the layout, not the steps
 _LATENT_METHODS = ("kava", "pccot", "codi")
 
 

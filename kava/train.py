@@ -3,7 +3,8 @@
 Reads top to bottom:
 
 1. :func:`run_training` — the entry point: resolves the config, builds the
-   :class:`~accelerate.Accelerator`, the model, the data, the optimizer and the
+   :class:`~accelerate.Accelerator`, the model (sharded with FSDP2 under
+   ``train.fsdp``: :mod:`kava.sharding`), the data, the optimizer and the
    schedule, resumes from a checkpoint when asked, then calls :func:`fit`.
 2. :func:`prepare_data` — load, filter, report (``data_report.json``).
 3. :func:`global_batch` / :func:`my_micro_batches` — the deterministic data order.
@@ -43,17 +44,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from kava import sharding
 from kava.checkpoint import (
     CHECKPOINTS,
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
+    load_checkpoint_weights,
     resolve_resume,
     save_checkpoint,
     step_dir_name,
 )
 from kava.config import ConfigError, KavaConfig
 from kava.data import Example
+from kava.data.collate import SegmentCache, SegmentStore, batches_from_segments
 from kava.data.collate import make_batches as collate_examples
 from kava.data.filters import apply_filters, format_counts
 from kava.data.formats import BENCHMARKS, DataError, load_examples, parse_split
@@ -127,13 +131,15 @@ class Run:
     out: Path
     accelerator: Any
     model: nn.Module  # the prepared KavaModel (DDP-wrapped under several processes); forward = training_loss
-    kava: nn.Module  # the plain KavaModel
+    kava: nn.Module  # the plain KavaModel (with train.fsdp: the sharded one, the same object as model)
     optimizer: Any
     scheduler: Any
     train: list[Example]
     eval: list[Example]
     state: TrainState
     log: "MetricsLog"
+    train_segments: SegmentStore | None = None  # train's Segments, tokenised once (else tokenised per step)
+    sharded: bool = False  # train.fsdp under several processes: FSDP2 units, no DDP (kava/sharding.py)
 
 
 def student_weight_at(step: int, curriculum_cot_steps: int, ramp_steps: int) -> float:
@@ -173,16 +179,33 @@ def run_training(cfg: KavaConfig, output_dir: str | Path, resume: str | Path | N
         raise ConfigError(f"{out} already holds checkpoints of an earlier run; resume it (--resume {out}) or choose a new output dir")
 
     accelerator = make_accelerator(cfg)
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ConfigError("accelerate's FSDP plugin (accelerate launch --use_fsdp) is not supported: its checkpoints "
+                          "and validation would be rank 0's shard; set train.fsdp=true instead (kava shards with "
+                          "FSDP2 itself) and launch with torchrun or accelerate launch without --use_fsdp")
+    sharded = cfg.train.fsdp and accelerator.num_processes > 1
+    if cfg.train.fsdp and not sharded:
+        _info("train.fsdp=true with one process: nothing to shard, the model trains whole", accelerator)
     if accelerator.is_main_process:
         cfg.to_yaml(out / "config.yaml")
     kava = KavaModel.from_config(cfg)  # initial LoRA / projection values drawn from train.seed
-    train, evals, report = prepare_data(cfg, kava.encoder, accelerator)
+    encoder = SegmentCache(kava.encoder)  # one tokenisation per example: the length filter's is trained on
+    train, evals, report = prepare_data(cfg, encoder, accelerator)
+    train_segments = encoder.store(train)  # aligned with train; every step collates from it
     if accelerator.is_main_process:
         (out / "data_report.json").write_text(json.dumps(report, indent=1))
     if cfg.method == "cot":  # the latent machinery is unused: keep it out of the optimizer
         kava.projection.requires_grad_(False)
 
     kava.to(accelerator.device)
+    source = checkpoint or branch
+    if source is not None:
+        # The weights first, on every rank, into the whole model: sharding then keeps each rank's slice of them.
+        load_checkpoint_weights(source, kava, branch=branch is not None)
+    if sharded:
+        sharding.shard(kava, accelerator.device)  # before the optimizer, which must hold the sharded parameters
     optimizer = build_optimizer(cfg, kava)
     if cfg.uses_latents and not cfg.uses_projection:
         # Jacobi with T = 0 never reads prj. Frozen, DDP does not wait for its gradients (it would raise on the
@@ -203,10 +226,18 @@ def run_training(cfg: KavaConfig, output_dir: str | Path, resume: str | Path | N
                        data_fingerprint=fingerprint(train), seed=cfg.train.seed,
                        global_batch_size=cfg.train.global_batch_size, world_size=accelerator.num_processes,
                        data_counts=report["train"]["filters"])
-    if checkpoint is not None or branch is not None:
-        source = checkpoint or branch
+    if sharded:  # no DDP around a sharded model: accelerate prepares the optimizer only
+        model, optimizer = kava, accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(kava, optimizer)  # KavaModel.forward is training_loss
+    if source is not None:
+        # The optimizer state after prepare (and after sharding): into the optimizer that trains.
+        set_optimizer_state = None
+        if sharded:
+            set_optimizer_state = functools.partial(sharding.load_optimizer_state, kava, optimizer.optimizer)
         saved = TrainState.from_dict(load_checkpoint(source, kava, optimizer, scheduler, branch=branch is not None,
-                                                     scaler=accelerator.scaler))
+                                                     scaler=accelerator.scaler, weights=False,
+                                                     set_optimizer_state=set_optimizer_state))
         check_resumable(saved, state, source)
         if branch is not None and saved.step >= max_steps:
             raise CheckpointError(f"{source}: checkpoint is at step {saved.step}, not before this run's last step {max_steps}")
@@ -215,10 +246,10 @@ def run_training(cfg: KavaConfig, output_dir: str | Path, resume: str | Path | N
         if branch is not None and accelerator.is_main_process:
             (out / "init_from.json").write_text(json.dumps({"checkpoint": str(branch.resolve()), "step": state.step}))
 
-    model, optimizer = accelerator.prepare(kava, optimizer)  # KavaModel.forward is training_loss
     run = Run(cfg=cfg, out=out, accelerator=accelerator, model=model, kava=kava, optimizer=optimizer,
-              scheduler=scheduler, train=train, eval=evals, state=state,
-              log=MetricsLog(out, accelerator.is_main_process, cfg.train.tensorboard, resume_step=state.step if checkpoint else None))
+              scheduler=scheduler, train=train, eval=evals, state=state, train_segments=train_segments,
+              log=MetricsLog(out, accelerator.is_main_process, cfg.train.tensorboard, resume_step=state.step if checkpoint else None),
+              sharded=sharded)
     try:
         return fit(run, stop_after_steps=stop_after_steps)
     finally:
@@ -321,7 +352,9 @@ def prepare_data(cfg: KavaConfig, encoder, accelerator=None) -> tuple[list[Examp
         return encoder.segments(ex).teacher_len
 
     def one(name: str, path: str, split: str, fmt: str, cut: int, cut_after: bool):
-        loaded = _load(cfg, path, split, fmt)
+        # Rank 0 downloads a hub dataset (into the datasets cache) first; the others then read that cache.
+        with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
+            loaded = _load(cfg, path, split, fmt)
         rows = loaded.examples
         if cut and not cut_after:
             rows = rows[:cut]
@@ -472,21 +505,29 @@ def train_step(run: Run, step: int) -> StepResult:
     weight = student_weight_at(step, t.curriculum_cot_steps, t.curriculum_ramp_steps)
     indices = global_batch(len(run.train), step, st.steps_per_epoch, t.global_batch_size, t.seed)
     mine = my_micro_batches(indices, t.micro_batch_size, acc.process_index, acc.num_processes)
-    host = [collate_examples([run.train[i] for i in idx], run.kava.encoder, cfg, teacher_only) for _, idx in mine]
+    if run.train_segments is not None:  # tokenised once by run_training: no tokenizer call here
+        host = [batches_from_segments([run.train_segments[i] for i in idx], run.kava.encoder.pad, cfg, teacher_only)
+                for _, idx in mine]
+    else:
+        host = [collate_examples([run.train[i] for i in idx], run.kava.encoder, cfg, teacher_only) for _, idx in mine]
     shares = micro_batch_shares(cfg, host, acc)  # counts read on the host, before the copy to the device
     batches = [to_device(b, acc.device) for b in host]
     # Metric-only work (unsupervised iterations' KV losses, KV terms at alpha_kv = 0) runs at fit's logging steps.
     log_step = (step + 1) % t.log_every == 0 or step == 0 or step + 1 == st.max_steps
     names, metric_sum = None, None
     loss_sum = torch.zeros((), device=acc.device)
+    # train.fsdp: FSDP2's own no_sync, and autocast here (accelerate wraps the forward of the models it prepares).
+    no_sync, autocast = (sharding.no_sync, acc.autocast) if run.sharded else (acc.no_sync, contextlib.nullcontext)
     for k, ((j, _), (teacher, student), share) in enumerate(zip(mine, batches, shares)):
         torch.manual_seed(micro_seed(t.seed, step, j))  # dropout
         generator = torch.Generator().manual_seed(micro_seed(t.seed, step, j) + 1)  # random eviction
         sync = k == len(mine) - 1
-        with contextlib.nullcontext() if sync else acc.no_sync(run.model):
-            loss, metrics = run.model(teacher, student, generator, teacher_only, weight, shares=share,
-                                      log_metrics=log_step)
-            # The shares sum to 1 over every process's micro-batches; DDP averages gradients over processes.
+        with contextlib.nullcontext() if sync else no_sync(run.model):
+            with autocast():
+                loss, metrics = run.model(teacher, student, generator, teacher_only, weight, shares=share,
+                                          log_metrics=log_step)
+            # The shares sum to 1 over every process's micro-batches; DDP (and FSDP's reduce-scatter) average
+            # gradients over processes.
             acc.backward(loss * acc.num_processes)
         # Summed on the device (metrics are shares too); the guard reads the loss itself, not its metric.
         loss_sum = loss_sum + loss.detach().float()
@@ -497,8 +538,13 @@ def train_step(run: Run, step: int) -> StepResult:
         else:
             metric_sum = metric_sum + metrics.tensor
 
+    if run.sharded:
+        sharding.reshard(run.model)  # the units stay gathered through the step's backward (kava/sharding.py)
     params = [p for p in run.model.parameters() if p.requires_grad]
+    # Sharded: DTensor gradients, so the norm is the global one (the norm of the full gradient), a DTensor.
     grad_norm = acc.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+    if run.sharded and grad_norm is not None:
+        grad_norm = sharding.full_tensor(grad_norm)
     grad = grad_norm.detach().float().reshape(1) if grad_norm is not None else loss_sum.new_zeros(1)
     local = torch.cat([loss_sum.reshape(1), metric_sum.to(loss_sum.device)])
     total = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local  # a collective, no host read
@@ -618,11 +664,17 @@ def fit(run: Run, stop_after_steps: int | None = None) -> Path:
 
 
 def save(run: Run) -> Path:
+    """A checkpoint of the current step; every process calls it. Sharded, every process takes part in gathering
+    the full weights and optimizer state onto rank 0, which writes the same files as an unsharded run."""
     acc = run.accelerator
     acc.wait_for_everyone()
+    full = {}
+    if run.sharded:
+        full = {"model_state": sharding.full_model_state(run.kava),
+                "optimizer_state": sharding.full_optimizer_state(run.kava, run.optimizer.optimizer)}
     if acc.is_main_process:
         save_checkpoint(run.out, run.state.step, acc.unwrap_model(run.model), run.optimizer, run.scheduler,
-                        asdict(run.state), run.cfg.train.keep_last, scaler=acc.scaler)
+                        asdict(run.state), run.cfg.train.keep_last, scaler=acc.scaler, **full)
     acc.wait_for_everyone()
     return run.out / CHECKPOINTS / step_dir_name(run.state.step)
 
@@ -704,10 +756,20 @@ class MetricsLog:
 # 6. validation
 # ============================================================================
 def run_validation(run: Run) -> None:
+    """Every process validates its share of the batches (:func:`validation_sums`); the sums are gathered.
+
+    Sharded, every unit is gathered on every rank first (one collective), so each rank's forwards, whatever
+    their number, need no other rank; with DDP the plain module runs, which needs none either.
+    """
+    from accelerate.utils import gather_object
+
     acc = run.accelerator
+    with sharding.gathered(run.kava) if run.sharded else contextlib.nullcontext(), acc.autocast():
+        part = validation_sums(run.kava, run.eval, run.cfg, seed=run.cfg.train.seed,
+                               rank=acc.process_index, world=acc.num_processes)
+    parts = gather_object([part]) if acc.num_processes > 1 else [part]
     if acc.is_main_process:
-        with acc.autocast():
-            metrics = validate(run.kava, run.eval, run.cfg, seed=run.cfg.train.seed)
+        metrics = combine_validation(parts)
         run.log.write({"step": run.state.step, **metrics})
         _info(f"step {run.state.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), acc)
     acc.wait_for_everyone()
@@ -716,26 +778,46 @@ def run_validation(run: Run) -> None:
 @torch.no_grad()
 def validate(model, examples: list[Example], cfg: KavaConfig, seed: int = 0) -> dict[str, float]:
     """Mean training loss (no dropout) and greedy accuracy on ``examples``. Keys start with ``val_``."""
+    return combine_validation([validation_sums(model, examples, cfg, seed)])
+
+
+@torch.no_grad()
+def validation_sums(model, examples: list[Example], cfg: KavaConfig, seed: int = 0, rank: int = 0,
+                    world: int = 1) -> dict:
+    """Process ``rank``'s share of :func:`validate`: batches ``rank, rank + world, ...`` of ``eval.batch_size``
+    examples (each seeded by its position, as in one process). -> {"n", "correct", "sums": metric * examples}."""
     from kava.evaluate import evaluate, resolve_mode
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     bs = cfg.eval.batch_size
+    starts = list(range(0, len(examples), bs))[rank::world]
     sums: dict[str, float] = {}
+    mine: list[Example] = []
     try:
-        for i in range(0, len(examples), bs):
+        for i in starts:
             chunk = examples[i:i + bs]
             teacher, student = make_batches(cfg, model.encoder, chunk, device)
             _, metrics = model.training_loss(teacher, student, generator=torch.Generator().manual_seed(seed + i))
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
-        report, _ = evaluate(model, examples, mode=resolve_mode(cfg.method), batch_size=bs, progress=False)
+            mine += chunk
+        _, preds = evaluate(model, mine, mode=resolve_mode(cfg.method), batch_size=bs, progress=False) if mine else (None, [])
     finally:
         model.train(was_training)
-    n = len(examples)
+    return {"n": len(mine), "correct": sum(p.correct for p in preds), "sums": sums}
+
+
+def combine_validation(parts: list[dict]) -> dict[str, float]:
+    """:func:`validate`'s metrics from every process's :func:`validation_sums`."""
+    n = sum(p["n"] for p in parts)
+    sums: dict[str, float] = {}
+    for p in parts:
+        for k, v in p["sums"].items():
+            sums[k] = sums.get(k, 0.0) + v
     out = {f"val_{k}": v / n for k, v in sums.items()}
-    out["val_accuracy"] = report.accuracy
+    out["val_accuracy"] = sum(p["correct"] for p in parts) / n if n else float("nan")
     out["val_examples"] = float(n)
     return out
 

@@ -137,19 +137,32 @@ def test_inference_quick(tmp_path):
 
 
 def test_gpu_script_quick_on_cpu(tmp_path):
-    out = tmp_path / "gpu.json"
+    """benchmarks/gpu.sh --quick OUT_DIR: every variant of the GPU check (old / new / compiled path, KaVa and
+    CoT-SFT) runs on the tiny shape and OUT_DIR gets the JSON and the log. One batch size keeps it short (the
+    script's own --quick runs two)."""
+    out = tmp_path / "gpu_out"
     env = {**os.environ, "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "--quick", "--device", "cpu", "--out", str(out)],
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "--quick", str(out), "--batches", "2"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    data = _load(out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert (out / "gpu.log").read_text().strip().endswith("s)")  # the log holds the run's output to its end
+    data = _load(out / "gpu.json")
+    assert data["complete"] and data["args"]["quick"]
     (row,) = data["results"]
-    assert set(row["variants"]) == {"cot", "kava"}
+    assert row["batch"] == 2 and not row["errors"]
+    assert set(row["variants"]) == {"cot_old", "cot_new", "kava_old", "kava_new", "kava_comp"}
     for v in row["variants"].values():
-        assert {"tokens_per_s", "model_tflop_per_step", "achieved_tflops", "mfu"} <= set(v)
-        assert v["mfu"] is None  # no peak given on CPU
+        assert {"ms_per_step", "tokens_per_s", "model_tflop_per_step", "mfu", "peak_mem_bytes"} <= set(v)
+        assert v["mfu"] is None and v["peak_mem_bytes"] > 0  # no peak given on CPU
+    assert {"kava_old/cot_old", "kava_new/cot_new", "kava_comp/cot_new", "kava_new/kava_old",
+            "kava_comp/kava_new"} <= set(row["ratios"])
+    assert set(row["kava/cot_over_floor"]) == {"kava_old/cot_old", "kava_new/cot_new", "kava_comp/cot_new"}
+    t = row["tokens"]
+    assert t["student"] == (data["args"]["T"] + 1) * data["args"]["M"] + t["A"]  # the shared question pass
+    assert row["token_floor_kava/cot"] == pytest.approx((row["teacher_len"] + t["student"]) / row["teacher_len"])
     assert row["flop_kava/cot"] > 1
-    assert "MFU" in proc.stdout
+    assert row["dynamo"]["frames_compiled"] == 1 and row["dynamo"]["graph_breaks"] == 0
+    assert "MFU" in proc.stdout and "ratio / floor" in proc.stdout
 
 
 def test_candidate_fixes_keep_the_loss(tmp_path):

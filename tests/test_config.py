@@ -105,6 +105,26 @@ def test_impossible_values_are_named(pair, key):
         KavaConfig().override([pair])
 
 
+@pytest.mark.parametrize("pairs", [
+    ["latent.compile=true", "latent.mode=sequential"],
+    ["latent.compile=true", "latent.num_iterations=0", "train.share_question_pass=false"],
+    ["latent.compile=true", "train.fsdp=true"],
+])
+def test_latent_compile_without_a_fixed_shape_pass_is_refused(pairs):
+    with pytest.raises(ConfigError, match=r"latent\.compile"):
+        KavaConfig().override(pairs)
+
+
+def test_latent_compile_is_off_by_default_and_checked_after_resolving():
+    assert KavaConfig().latent.compile is False
+    for method in ("kava", "pccot"):
+        assert KavaConfig().override([f"method={method}", "latent.compile=true"]).resolved().latent.compile
+    KavaConfig().override(["latent.compile=true", "latent.num_iterations=0"])  # pass 0 on the shared question
+    KavaConfig().override(["method=cot", "latent.compile=true", "latent.mode=sequential"])  # no latents: unused
+    with pytest.raises(ConfigError, match=r"latent\.compile"):
+        KavaConfig().override(["method=codi", "latent.compile=true"]).resolved()  # codi: sequential
+
+
 @pytest.mark.parametrize("pair", ["latent.num_tokens", "=3", "latent..num_tokens=3", ".x=1", 3])
 def test_malformed_set_pairs_are_rejected(pair):
     with pytest.raises(ConfigError, match="--set"):
@@ -273,6 +293,11 @@ def test_paper_presets_never_validate_on_a_test_split():
         d = KavaConfig.from_yaml(PRESETS_DIR / f"{name}.yaml").data
         assert d.eval_path.lower() == d.train_path.lower(), name  # one source: one schema, one distribution
         assert "test" not in d.eval_split.lower(), name
+
+
+@pytest.mark.parametrize("name", [p for p in PAPER if p.endswith("-nl")])
+def test_nl_presets_skip_and_count_bad_rows_like_codi(name):
+    assert KavaConfig.from_yaml(PRESETS_DIR / f"{name}.yaml").data.skip_bad_rows, name
 
 
 def test_no_preset_validates_on_a_test_file_or_split():

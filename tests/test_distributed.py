@@ -35,6 +35,11 @@ def step_losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in recs if "loss" in r]
 
 
+def validation(run_dir: Path) -> dict[int, dict]:
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in recs if "val_loss" in r}
+
+
 def two_processes(cfg, out: Path, tmp_path: Path) -> None:
     """``torchrun --nproc_per_node 2 -m kava.train`` (gloo on the CPU, through accelerate)."""
     cfg_file = tmp_path / "run.yaml"
@@ -58,10 +63,13 @@ def one_process(cfg, out: Path) -> Path:
 def test_two_processes_match_one_process(tiny_llama_dir, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text(rows(10))
-    # 4 micro-batches of 1 per step: one process runs all 4, two processes run 2 each.
+    (tmp_path / "valid.jsonl").write_text(rows(3))
+    # 4 micro-batches of 1 per step: one process runs all 4, two processes run 2 each. Validation at steps 2
+    # and 3: each process validates its share (batches of 2: rank 0 gets 2 examples, rank 1 one).
     cfg = tiny_config(tiny_llama_dir, **{
         "data.train_path": str(data), "train.max_steps": 3, "train.global_batch_size": 4, "train.micro_batch_size": 1,
         "train.log_every": 1, "train.warmup_ratio": 0.0, "train.lr": 1e-2, "lora.dropout": 0.0,
+        "data.eval_path": str(tmp_path / "valid.jsonl"), "train.eval_every": 2, "eval.batch_size": 2,
     })
     two_processes(cfg, tmp_path / "two", tmp_path)
     one = one_process(cfg, tmp_path / "one")
@@ -73,6 +81,12 @@ def test_two_processes_match_one_process(tiny_llama_dir, tmp_path):
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]  # logged once, by the main process
     for (_, la), (_, lb) in zip(a, b):
         assert abs(la - lb) < 1e-4, (a, b)
+    va, vb = validation(tmp_path / "one"), validation(tmp_path / "two")
+    assert sorted(va) == sorted(vb) == [2, 3]
+    for s in va:
+        assert va[s].keys() == vb[s].keys() and vb[s]["val_examples"] == 3
+        for k in va[s]:
+            assert abs(va[s][k] - vb[s][k]) < 1e-4, (s, k, va[s][k], vb[s][k])
 
     from kava.model import KavaModel
 

@@ -322,7 +322,7 @@ def test_no_train_before_training_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("kava: error:")]
     assert len(errors) == 1 and "Traceback" not in err
-    assert "not trained yet: seed0/kava, seed0/pccot, seed1/kava, seed1/pccot" in errors[0]
+    assert "not trained yet: seed0/kava, seed1/kava, seed0/pccot, seed1/pccot" in errors[0]  # variant by variant
     assert "without --no-train" in errors[0]
     assert not list(out.rglob("checkpoints")) and not list(out.rglob("report_*"))
 
@@ -383,13 +383,14 @@ def test_warm_key_groups_variants_that_share_the_teacher_only_steps():
     variants = {
         "kava": [], "pccot": ["method=pccot"], "sum": ["loss.kv_reduction=sum"],
         "evict": ["eviction.method=importance", "latent.num_iterations=2"], "ckpt": ["train.save_every=5"],
+        "fsdp": ["train.fsdp=true"],
         "lr": ["train.lr=0.001"], "wd": ["train.weight_decay_scope=matrices"], "noproj": ["latent.use_projection=false"],
         "tw": ["loss.teacher_weight=0.5"], "batch": ["train.global_batch_size=8", "train.micro_batch_size=8"],
     }
     spec = sweep.SweepSpec.from_dict(json.loads(json.dumps({**SPEC, "variants": variants})))
     keys = {name: sweep.warm_key(sweep.variant_config(spec, name, 0)) for name in variants}
     assert None not in keys.values()
-    shared = {keys[n] for n in ("kava", "pccot", "sum", "evict", "ckpt")}
+    shared = {keys[n] for n in ("kava", "pccot", "sum", "evict", "ckpt", "fsdp")}
     assert len(shared) == 1
     separate = [keys[n] for n in ("lr", "wd", "noproj", "tw", "batch")]
     assert len(set(separate)) == len(separate) and not set(separate) & shared

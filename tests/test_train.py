@@ -458,6 +458,95 @@ def test_crop_budget_larger_than_cot_is_a_config_error(tiny_llama_dir, data, tmp
         run_training(cfg, tmp_path)
 
 
+def _batch_fields(batch) -> dict:
+    from dataclasses import fields
+
+    return {} if batch is None else {f.name: getattr(batch, f.name) for f in fields(batch)}
+
+
+def test_batches_from_segments_tokenised_once_equal_tokenising_each_step(tiny_dir, tmp_path):
+    """Training collates from the Segments its data preparation tokenised (SegmentCache -> SegmentStore): the
+    batches are bit-identical to tokenising the examples at every step, for both tokenizer conventions."""
+    from kava.data.collate import SegmentCache, batches_from_segments, make_batches
+    from kava.model import KavaModel
+    from kava.train import prepare_data
+
+    rows = [example_row(i) for i in range(10)]
+    rows.append({**example_row(3), "steps": ["Tom has 5 apples.", "He buys 3 more, so 8."]})  # NL steps
+    rows.append({**example_row(4), "steps": ["<<2+2=4>>"]})  # one step: Drop Last keeps it
+    rows.append(example_row(0))  # a duplicate
+    path = write_rows(tmp_path / "train.jsonl", rows)
+    cfg = tiny_config(tiny_dir, **{"data.train_path": str(path)})
+    encoder = KavaModel.from_config(cfg).encoder
+    cache = SegmentCache(encoder)
+    train, _, _ = prepare_data(cfg, cache)
+    # the length filter tokenised every example (the store reuses that); a fresh cache tokenises in store()
+    for store in (cache.store(train), SegmentCache(encoder).store(train)):
+        assert len(store) == len(train) == 13
+        assert [store[i] for i in range(len(train))] == [encoder.segments(ex) for ex in train]
+        for method in ("kava", "cot", "nocot"):
+            c = cfg.override([f"method={method}", "loss.student_ce_on_prompt=true"])
+            for idx in ([0, 1, 2, 3], [12, 10, 11, 0], [5]):
+                for teacher_only in (False, True):
+                    got = batches_from_segments([store[i] for i in idx], encoder.pad, c, teacher_only)
+                    want = make_batches([train[i] for i in idx], encoder, c, teacher_only)
+                    for g, w in zip(got, want):
+                        assert (g is None) == (w is None)
+                        gf, wf = _batch_fields(g), _batch_fields(w)
+                        assert gf.keys() == wf.keys()
+                        for k in gf:
+                            if isinstance(gf[k], torch.Tensor):
+                                assert gf[k].dtype == wf[k].dtype and torch.equal(gf[k], wf[k]), (method, idx, k)
+                            else:
+                                assert gf[k] == wf[k]
+
+
+def test_a_run_tokenises_each_training_example_once(tiny_llama_dir, data, tmp_path, monkeypatch):
+    """Each training example is tokenised once, when the data are prepared, whatever the number of steps."""
+    from kava.data.collate import SegmentEncoder
+
+    calls = []
+    real = SegmentEncoder.segments
+
+    def counted(self, ex):
+        calls.append(ex.question)
+        return real(self, ex)
+
+    monkeypatch.setattr(SegmentEncoder, "segments", counted)
+    for steps in (1, 4):
+        calls.clear()
+        run_training(make_cfg(tiny_llama_dir, data, **{"train.max_steps": steps}), tmp_path / f"run{steps}")
+        assert len(calls) == len(set(calls)) == 12, (steps, len(calls))
+
+
+def test_each_source_is_loaded_on_the_main_process_first(tiny_llama_dir, data, monkeypatch):
+    """Rank 0 loads (downloads) each source before the other ranks, which then read the datasets cache."""
+    import contextlib
+
+    import kava.train as t
+
+    events = []
+
+    class Acc:
+        is_main_process = True
+
+        @contextlib.contextmanager
+        def main_process_first(self):
+            events.append("enter")
+            yield
+            events.append("exit")
+
+    real = t._load
+    monkeypatch.setattr(t, "_load", lambda *a, **k: (events.append("load"), real(*a, **k))[1])
+    cfg = make_cfg(tiny_llama_dir, data, **{"data.eval_path": str(data["eval"])})
+    class Enc:
+        def segments(self, ex):
+            return type("S", (), {"teacher_len": 10})()
+
+    train, evals, _ = t.prepare_data(cfg, Enc(), Acc())
+    assert events == ["enter", "load", "exit"] * 2 and len(train) == 12 and len(evals) == 3
+
+
 def test_nothing_left_after_filtering_is_a_data_error(tiny_llama_dir, data, tmp_path):
     cfg = make_cfg(tiny_llama_dir, data, **{"data.max_tokens": 8})
     with pytest.raises(DataError, match="no train examples left"):
