@@ -17,17 +17,10 @@ from torch._dynamo.utils import counters
 
 import kava.latent
 from conftest import perturb_trainables, tiny_config
-from kava.data import Example
 from kava.data.collate import collate_student, collate_teacher
 from kava.model import KavaModel
+from test_model import EXAMPLES  # mixed question lengths, one-step and three-step CoTs
 
-EXAMPLES = [
-    Example("Tom has 5 apples and buys 3 more. How many apples does he have?", ["<<5+3=8>>", "<<8*2=16>>"], "16"),
-    Example("Sara reads 12 pages", ["<<12*4=48>>"], "48"),
-    Example("Each box holds 7 pens. There are 9 boxes, 3 are empty. How many pens are in the full boxes?",
-            ["<<9-3=6>>", "<<6*7=42>>", "<<42+1=43>>"], "42"),
-    Example("A cat", ["<<1+1=2>>"], "2"),
-]
 TOL = 1e-5  # the issue's tolerance, for inductor (other kernels, other summation orders)
 TOL_AOT_EAGER = 2e-6  # aot_eager runs the eager kernels: measured differences <= 3e-7 (a 1e-4 relative error
 # in the passes' keys moves the loss by ~4e-6, which 1e-5 would miss on this tiny model)
