@@ -223,10 +223,10 @@ def _describe_task(name: str) -> str:
             f"* operands {r.mul[0]}..{r.mul[1]}, starting amounts {r.start[0]}..{r.start[1]}")
 
 
-def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str], workers: int = 2) -> dict:
-    """``workers=2``: KaVa and No-CoT train side by side in two single-thread processes (the two runs are
-    independent; one thread per process also avoids the OpenMP stalls of 2 threads on a shared 2-core machine,
-    docs/perf.md). ``workers=1``: one after the other in this process, at its torch thread count."""
+def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str], workers: int = 1) -> dict:
+    """``workers=1``: KaVa, then No-CoT, in this process at its torch thread count. ``workers=2``: side by side in
+    two single-thread processes (the same results as ``workers=1`` at one thread); on the 2-core machine of
+    docs/results.md this was slower than one process with 2 threads, so it is not the default."""
     t_start = time.perf_counter()
     task = prepare_task(out, seed, sizes)
     train_path, test_path, model_dir = task.train, task.test, task.model_dir
@@ -308,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="run METHOD.md's ablations instead of the demo: the sweep spec kava/presets/sweeps/ablate-demo.yaml "
                         "(the same as 'kava sweep ablate-demo'; report_valid.md in --output)")
     p.add_argument("--workers", type=int, default=None,
-                   help="parallel single-thread worker processes (demo: 2, KaVa and No-CoT side by side; 1 trains "
-                        "them one after the other at --threads; --ablate: default 1)")
+                   help="parallel single-thread worker processes (default 1; demo: 2 trains KaVa and No-CoT side "
+                        "by side, 1 one after the other at --threads)")
     p.add_argument("--task", default="small", choices=sorted(TASKS),
                    help="number sizes of the synthetic problems: small (values <= 60, the default) or "
                         "sizing (values <= 200, the task of docs/DEMO_SIZING)")
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ablate:
         run_ablation(out, args.seed, args.task, args.sets, args.workers or 1, quick=args.quick)
     else:
-        run_demo(out, args.seed, sizes, args.sets, workers=2 if args.workers is None else args.workers)
+        run_demo(out, args.seed, sizes, args.sets, workers=args.workers or 1)
     return 0
 
 

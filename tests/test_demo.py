@@ -42,13 +42,13 @@ def test_demo_quick_end_to_end(tmp_path):
 
 
 def test_side_by_side_demo_equals_the_one_after_the_other_demo_at_one_thread(tmp_path):
-    """Two single-thread workers (the default) train and score exactly what one single-thread process does."""
+    """Two single-thread workers (--workers 2) train and score exactly what one single-thread process does."""
     from safetensors.torch import load_file
 
     sets = ["--set", "train.max_steps=2", "--set", "train.curriculum_cot_steps=1", "--set", "train.global_batch_size=8",
             "--set", "train.micro_batch_size=4", "--set", "eval.max_cot_tokens=8"]
     reports = {}
-    for name, args in (("side_by_side", []), ("sequential", ["--workers", "1", "--threads", "1"])):
+    for name, args in (("side_by_side", ["--workers", "2"]), ("sequential", ["--threads", "1"])):
         before = torch.get_num_threads()
         try:
             assert main(["--quick", "--output", str(tmp_path / name), *sets, *args]) == 0
