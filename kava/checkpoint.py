@@ -428,15 +428,11 @@ def load_checkpoint_weights(path: str | Path, model, branch: bool = False) -> No
     rank's slice of them), then :func:`load_checkpoint` with ``weights=False`` for the rest.
     """
     p = Path(path)
-    _check_loadable(p, model, branch)
-    load_model_weights(p, model)
-
-
-def _check_loadable(p: Path, model, branch: bool) -> None:
     reason = verify_checkpoint(p)
     if reason is not None:
         raise CheckpointError(f"{p}: incomplete or corrupt checkpoint ({reason}); refusing to load")
     check_compatible(p, model.cfg, SHAPE_KEYS if branch else MUST_MATCH)
+    load_model_weights(p, model)
 
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler, branch: bool = False, scaler=None, *,
@@ -450,14 +446,13 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, branch: bool 
     ``scheduler`` is the :class:`torch.optim.lr_scheduler.LambdaLR` of ``kava.train.build_scheduler``.
     ``scaler``: the fp16 GradScaler; a checkpoint without ``scaler.json`` (no fp16, or an older kava)
     leaves it at its initial scale.
-    ``weights=False``: the weights were loaded already (:func:`load_checkpoint_weights`); the files are still
-    verified. ``set_optimizer_state(state)``: loads the saved (full, index-keyed) optimizer state instead of
+    ``weights=False``: the files were verified and the weights loaded already (:func:`load_checkpoint_weights`),
+    so neither is done again. ``set_optimizer_state(state)``: loads the saved (full, index-keyed) optimizer state instead of
     ``optimizer.load_state_dict`` (a sharded optimizer: :func:`kava.sharding.load_optimizer_state`).
     """
     p = Path(path)
-    _check_loadable(p, model, branch)
     if weights:
-        load_model_weights(p, model)
+        load_checkpoint_weights(p, model, branch)
     if optimizer is not None:
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         saved = _load_state(p, "optimizer")

@@ -359,15 +359,13 @@ def run_sweep(spec: SweepSpec, out: Path, workers: int = 1, threads: int = 1, sp
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "spec.yaml"
     now = json.loads(json.dumps(spec.to_dict()))
-    if saved.exists():
-        before = yaml.safe_load(saved.read_text())
-        if before != now:
-            if not extends(now, before):
-                raise ConfigError(f"{saved}: this sweep directory holds another spec (a spec may only add variants "
-                                  f"or seeds to it); use another --output or delete {out}")
-            log.info("sweep %s: the spec adds variants or seeds; the finished runs are kept", out)
-            saved.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    else:
+    before = yaml.safe_load(saved.read_text()) if saved.exists() else None
+    if before is not None and before != now:
+        if not extends(now, before):
+            raise ConfigError(f"{saved}: this sweep directory holds another spec (a spec may only add variants "
+                              f"or seeds to it); use another --output or delete {out}")
+        log.info("sweep %s: the spec adds variants or seeds; the finished runs are kept", out)
+    if before != now:
         saved.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     jobs = plan(spec, out)
     # With a synthetic task the model and data paths are the sweep's own per-seed files (a moved copy differs).

@@ -138,7 +138,7 @@ class Run:
     eval: list[Example]
     state: TrainState
     log: "MetricsLog"
-    train_segments: SegmentStore | None = None  # train's Segments, tokenised once (else tokenised per step)
+    train_segments: SegmentStore  # train's Segments, tokenised once; every step collates from them
     sharded: bool = False  # train.fsdp under several processes: FSDP2 units, no DDP (kava/sharding.py)
 
 
@@ -505,11 +505,9 @@ def train_step(run: Run, step: int) -> StepResult:
     weight = student_weight_at(step, t.curriculum_cot_steps, t.curriculum_ramp_steps)
     indices = global_batch(len(run.train), step, st.steps_per_epoch, t.global_batch_size, t.seed)
     mine = my_micro_batches(indices, t.micro_batch_size, acc.process_index, acc.num_processes)
-    if run.train_segments is not None:  # tokenised once by run_training: no tokenizer call here
-        host = [batches_from_segments([run.train_segments[i] for i in idx], run.kava.encoder.pad, cfg, teacher_only)
-                for _, idx in mine]
-    else:
-        host = [collate_examples([run.train[i] for i in idx], run.kava.encoder, cfg, teacher_only) for _, idx in mine]
+    # Tokenised once by run_training: no tokenizer call here.
+    host = [batches_from_segments([run.train_segments[i] for i in idx], run.kava.encoder.pad, cfg, teacher_only)
+            for _, idx in mine]
     shares = micro_batch_shares(cfg, host, acc)  # counts read on the host, before the copy to the device
     batches = [to_device(b, acc.device) for b in host]
     # Metric-only work (unsupervised iterations' KV losses, KV terms at alpha_kv = 0) runs at fit's logging steps.

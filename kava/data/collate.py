@@ -156,8 +156,29 @@ def positions_from_mask(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> t
     return (pos + offset).clamp_min(0)
 
 
+class _LabelledBatch:
+    """What both batches share: ``label_index`` derived from their label tensor (named by ``_labels``) when not
+    given, its count, and the move to a device (tensors only)."""
+
+    _labels = "labels"
+
+    def __post_init__(self):
+        if self.label_index is None:
+            self.label_index = label_positions(getattr(self, self._labels))
+
+    @property
+    def num_labels(self) -> int:
+        """Tokens the CE averages over (a shape: no device read)."""
+        return self.label_index.numel()
+
+    def to(self, device, non_blocking: bool = False):
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        return type(self)(**{k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+                             for k, v in kw.items()})
+
+
 @dataclass
-class TeacherBatch:
+class TeacherBatch(_LabelledBatch):
     """Q <bot> C <eot> P A <eos>, right-padded. B examples, N tokens.
 
     input_ids, attention_mask, position_ids, labels: [B, N] (labels: C, <eot>, P, A, <eos>; else -100)
@@ -179,21 +200,9 @@ class TeacherBatch:
     prompt_last: torch.Tensor
     label_index: torch.Tensor | None = None
 
-    def __post_init__(self):
-        if self.label_index is None:
-            self.label_index = label_positions(self.labels)
-
-    @property
-    def num_labels(self) -> int:
-        """Tokens the teacher CE averages over (a shape: no device read)."""
-        return self.label_index.numel()
-
-    def to(self, device, non_blocking: bool = False) -> "TeacherBatch":
-        return TeacherBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
-
 
 @dataclass
-class StudentBatch:
+class StudentBatch(_LabelledBatch):
     """Student inputs. prefix: Q <bot> left-padded [B, Nq]; suffix: <eot> P A <eos> right-padded [B, Ns].
 
     suffix_labels [B, Ns]: the student CE targets (A, <eos>; P too if configured), -100 elsewhere.
@@ -210,19 +219,7 @@ class StudentBatch:
     prompt_last: int
     label_index: torch.Tensor | None = None
 
-    def __post_init__(self):
-        if self.label_index is None:
-            self.label_index = label_positions(self.suffix_labels)
-
-    @property
-    def num_labels(self) -> int:
-        """Tokens the student CE averages over (a shape: no device read)."""
-        return self.label_index.numel()
-
-    def to(self, device, non_blocking: bool = False) -> "StudentBatch":
-        kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        return StudentBatch(**{k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
-                               for k, v in kw.items()})
+    _labels = "suffix_labels"
 
 
 def collate_teacher(segs: list[Segments], pad_id: int, importance_queries: str = "prompt_and_answer") -> TeacherBatch:
