@@ -139,6 +139,7 @@ class Run:
     state: TrainState
     log: "MetricsLog"
     train_segments: SegmentStore  # train's Segments, tokenised once; every step collates from them
+    train_lengths: tuple[int, ...] = ()  # teacher length per training example (train.group_by_length)
     sharded: bool = False  # train.fsdp under several processes: FSDP2 units, no DDP (kava/sharding.py)
 
 
@@ -248,6 +249,7 @@ def run_training(cfg: KavaConfig, output_dir: str | Path, resume: str | Path | N
 
     run = Run(cfg=cfg, out=out, accelerator=accelerator, model=model, kava=kava, optimizer=optimizer,
               scheduler=scheduler, train=train, eval=evals, state=state, train_segments=train_segments,
+              train_lengths=tuple(s.teacher_len for s in train_segments),
               log=MetricsLog(out, accelerator.is_main_process, cfg.train.tensorboard, resume_step=state.step if checkpoint else None),
               sharded=sharded)
     try:
@@ -405,17 +407,37 @@ def fingerprint(examples: list[Example]) -> str:
 # ============================================================================
 # 3. data order
 # ============================================================================
-def global_batch(n: int, step: int, steps_per_epoch: int, global_batch_size: int, seed: int) -> list[int]:
-    """Example indices of global step ``step`` (0-based). Pure function of its arguments."""
+LENGTH_GROUP_BATCHES = 50  # global batches per megabatch with train.group_by_length, as HF's LengthGroupedSampler
+BATCH_ORDER_SALT = 7919  # the batch order's generator differs from the example permutation's
+
+
+def global_batch(n: int, step: int, steps_per_epoch: int, global_batch_size: int, seed: int,
+                 lengths: tuple[int, ...] | None = None) -> list[int]:
+    """Example indices of global step ``step`` (0-based). Pure function of its arguments.
+
+    With ``lengths`` (one per example: ``train.group_by_length``) the epoch's permutation is cut into
+    megabatches of :data:`LENGTH_GROUP_BATCHES` global batches, each sorted by length (longest first), and the
+    epoch's batches are then visited in a shuffled order: an epoch still sees every example once, with less
+    padding per batch, and the batch lengths do not follow the learning-rate schedule."""
     epoch, b = divmod(step, steps_per_epoch)
-    perm = _epoch_permutation(n, seed + epoch)
+    order = _epoch_permutation(n, seed + epoch) if lengths is None else _length_grouped(seed + epoch, global_batch_size, lengths)
+    if lengths is not None:
+        b = _epoch_permutation(steps_per_epoch, seed + epoch + BATCH_ORDER_SALT)[b]
     start = b * global_batch_size
-    return [perm[(start + i) % n] for i in range(global_batch_size)]
+    return [order[(start + i) % n] for i in range(global_batch_size)]
 
 
 @functools.lru_cache(maxsize=2)
 def _epoch_permutation(n: int, seed: int) -> tuple[int, ...]:
     return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist())
+
+
+@functools.lru_cache(maxsize=2)
+def _length_grouped(seed: int, global_batch_size: int, lengths: tuple[int, ...]) -> tuple[int, ...]:
+    perm = _epoch_permutation(len(lengths), seed)
+    size = LENGTH_GROUP_BATCHES * global_batch_size
+    return tuple(i for m in range(0, len(perm), size)
+                 for i in sorted(perm[m:m + size], key=lambda i: -lengths[i]))  # stable: ties keep perm order
 
 
 def my_micro_batches(indices: list[int], micro_batch_size: int, rank: int, world: int) -> list[tuple[int, list[int]]]:
@@ -503,7 +525,8 @@ def train_step(run: Run, step: int) -> StepResult:
     t = cfg.train
     teacher_only = step < t.curriculum_cot_steps
     weight = student_weight_at(step, t.curriculum_cot_steps, t.curriculum_ramp_steps)
-    indices = global_batch(len(run.train), step, st.steps_per_epoch, t.global_batch_size, t.seed)
+    indices = global_batch(len(run.train), step, st.steps_per_epoch, t.global_batch_size, t.seed,
+                           run.train_lengths if t.group_by_length else None)
     mine = my_micro_batches(indices, t.micro_batch_size, acc.process_index, acc.num_processes)
     # Tokenised once by run_training: no tokenizer call here.
     host = [batches_from_segments([run.train_segments[i] for i in idx], run.kava.encoder.pad, cfg, teacher_only)

@@ -188,3 +188,15 @@ def test_candidate_fixes_keep_the_loss(tmp_path):
             peft = float(model.training_loss(tb, sb)[0])
     assert merged == pytest.approx(ref, abs=1e-5) and peft == pytest.approx(ref, abs=1e-5)
     assert torch.equal(model.decoder_stack.embed_tokens.token_adapter.base_layer.weight, emb)
+
+
+def test_length_grouping_quick(tmp_path):
+    import length_grouping
+
+    out = tmp_path / "lg.json"
+    length_grouping.main(["--quick", "--out", str(out)])
+    data = _load(out)
+    res = data["results"]
+    assert set(res["times"]) == {"shuffled", "grouped"} and len(res["times"]["grouped"]) == data["repeats"]
+    assert {len(v) for v in res["padded_teacher_tokens"].values()} == {data["repeats"] + 1}  # + the warm-up round
+    assert {"median", "q1", "q3"} <= set(res["ratio_grouped_over_shuffled"])

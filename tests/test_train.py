@@ -210,6 +210,25 @@ def test_branch_trains_at_its_own_optimizer_hyperparameters(tiny_llama_dir, data
         torch.testing.assert_close(still[k], start[k], rtol=0, atol=1e-9, msg=k)
 
 
+def test_length_grouped_run_resumes_bit_identically_and_trains_on_grouped_batches(tiny_llama_dir, data, tmp_path,
+                                                                                    monkeypatch):
+    import kava.train as kt
+
+    cfg = make_cfg(tiny_llama_dir, data, **{"train.group_by_length": True, "train.global_batch_size": 2,
+                                            "train.micro_batch_size": 1})
+    seen = []
+    real = kt.global_batch
+    monkeypatch.setattr(kt, "global_batch", lambda *a: seen.append(a[-1]) or real(*a))
+    straight = run_training(cfg, tmp_path / "straight")
+    lengths = seen[0]
+    assert len(seen) == 4 and lengths is not None and all(s is lengths for s in seen)
+    from kava.data.formats import load_examples
+    assert len(lengths) == len(load_examples(str(data["train"])).examples) and min(lengths) > 0
+    run_training(cfg, tmp_path / "resumed", stop_after_steps=2)
+    final = run_training(cfg, tmp_path / "resumed", resume=tmp_path / "resumed")
+    assert_identical(trainable(final), trainable(straight))
+
+
 def test_resume_refuses_changed_data_order(straight, tmp_path):
     shutil.copytree(straight["out"] / "checkpoints", tmp_path / "checkpoints")
     cfg = straight["cfg"].override(["train.seed=1"])
@@ -571,14 +590,19 @@ def test_preset_path_lists_presets_when_unknown():
 # ----------------------------------------------------------------------------
 # data order and schedule (pure functions)
 # ----------------------------------------------------------------------------
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(n=st.integers(1, 40), micro=st.integers(1, 4), k=st.integers(1, 4), world=st.sampled_from([1, 2, 4]),
-       seed=st.integers(0, 5), step=st.integers(0, 30))
-def test_data_order_is_deterministic_and_independent_of_process_count(n, micro, k, world, seed, step):
+       seed=st.integers(0, 5), step=st.integers(0, 30), grouped=st.booleans(), data=st.data())
+def test_data_order_is_deterministic_and_independent_of_process_count(n, micro, k, world, seed, step, grouped, data):
     g = micro * k * world
     spe = math.ceil(n / g)
-    batch = global_batch(n, step, spe, g, seed)
-    assert batch == global_batch(n, step, spe, g, seed) and len(batch) == g
+    lengths = tuple(data.draw(st.lists(st.integers(1, 9), min_size=n, max_size=n))) if grouped else None
+
+    def batch_at(s: int) -> list[int]:
+        return global_batch(n, s, spe, g, seed, lengths)
+
+    batch = batch_at(step)
+    assert batch == batch_at(step) and len(batch) == g
     # the processes' micro-batches partition the global batch, whatever the process count
     parts = [mb for r in range(world) for mb in my_micro_batches(batch, micro, r, world)]
     assert sorted(j for j, _ in parts) == list(range(g // micro))
@@ -586,8 +610,42 @@ def test_data_order_is_deterministic_and_independent_of_process_count(n, micro, 
     assert len({len(my_micro_batches(batch, micro, r, world)) for r in range(world)}) == 1
     # one epoch sees every example
     epoch = step // spe
-    seen = {i for b in range(spe) for i in global_batch(n, epoch * spe + b, spe, g, seed)}
+    seen = {i for b in range(spe) for i in batch_at(epoch * spe + b)}
     assert seen == set(range(n))
+
+
+@settings(max_examples=40, deadline=None)
+@given(g=st.integers(1, 6), batches=st.integers(1, 120), seed=st.integers(0, 5), data=st.data())
+def test_length_grouped_batches_cover_the_epoch_with_less_padding(g, batches, seed, data):
+    """An epoch of length-grouped batches holds each example once (n a multiple of the batch), and pads no more
+    than the shuffled epoch: within a megabatch (the same examples as the shuffled batches at its place) sorted
+    chunks minimise the sum of the batch maxima."""
+    n = g * batches
+    lengths = tuple(data.draw(st.lists(st.integers(1, 50), min_size=n, max_size=n)))
+    grouped = [global_batch(n, b, batches, g, seed, lengths) for b in range(batches)]
+    shuffled = [global_batch(n, b, batches, g, seed) for b in range(batches)]
+    assert sorted(i for b in grouped for i in b) == list(range(n))
+    padded = [sum(max(lengths[i] for i in b) for b in bs) for bs in (grouped, shuffled)]
+    assert padded[0] <= padded[1]
+
+
+def test_length_grouped_batches_are_sorted_within_megabatches_and_visited_shuffled():
+    from kava.train import LENGTH_GROUP_BATCHES
+
+    g, batches = 4, 2 * LENGTH_GROUP_BATCHES
+    n = g * batches
+    lengths = tuple((7 * i) % 97 + 1 for i in range(n))
+    grouped = [global_batch(n, b, batches, g, 0, lengths) for b in range(batches)]
+    shuffled = [global_batch(n, b, batches, g, 0) for b in range(batches)]
+    # a batch holds neighbours in length: far less padding than shuffled batches
+    pad = [sum(g * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in bs) for bs in (grouped, shuffled)]
+    assert pad[0] * 5 < pad[1]
+    # each megabatch's examples are the shuffled order's examples at that place
+    order = [i for b in sorted(grouped, key=lambda b: -max(lengths[i] for i in b)) for i in b]
+    assert sorted(order) == list(range(n))
+    # the batches are not visited longest-first within a megabatch (no sawtooth over the schedule)
+    first = [max(lengths[i] for i in b) for b in grouped[:LENGTH_GROUP_BATCHES]]
+    assert first != sorted(first, reverse=True)
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
