@@ -56,6 +56,9 @@ _WARM_NOT_FREE = ("loss.teacher_weight", "latent.use_projection")
 _WARM_FREE_KEYS = ("train.curriculum_ramp_steps", "train.save_every", "train.keep_last", "train.log_every",
                    "train.eval_every", "train.tensorboard", "train.fsdp")  # fsdp: the layout, not the steps
 _LATENT_METHODS = ("kava", "pccot", "codi")
+# Keys added after sweeps were first written: left out of the warm key at their default, so that the warm starts
+# of an existing sweep directory keep their names.
+_WARM_KEY_NEWER = {"train.group_by_length": False}
 
 
 class SweepError(RuntimeError):
@@ -177,7 +180,9 @@ def warm_key(cfg: KavaConfig) -> Optional[str]:
     for key, *_ in iter_fields():
         free = (key.startswith(_WARM_FREE_PREFIXES) and key not in _WARM_NOT_FREE) or key in _WARM_FREE_KEYS
         if not free and key != "method":
-            kept[key] = config_value(cfg, key)
+            value = config_value(cfg, key)
+            if key not in _WARM_KEY_NEWER or value != _WARM_KEY_NEWER[key]:
+                kept[key] = value
     return json.dumps(kept, sort_keys=True, default=str)
 
 
