@@ -135,9 +135,48 @@ def demo_config(model_dir: Path, train_path: Path, seed: int, extra: list[str]) 
                          f"train.seed={seed}", *extra])
 
 
+def data_parallel_config(cfg: KavaConfig, processes: int) -> KavaConfig:
+    """``cfg`` with its micro-batch split over ``processes`` data-parallel processes: the same global batch and
+    examples per step (kava.train gives process r the micro-batches r, r + P, ...)."""
+    t = cfg.train
+    if t.global_batch_size % processes:
+        raise SystemExit(f"--processes {processes}: train.global_batch_size={t.global_batch_size} cannot be shared "
+                         f"evenly by {processes} processes")
+    micro = min(t.micro_batch_size, t.global_batch_size // processes)
+    while (t.global_batch_size // processes) % micro:
+        micro -= 1
+    return cfg.override([f"train.micro_batch_size={micro}"])
+
+
+def launch_training(cfg: KavaConfig, run_dir: Path, processes: int, resume: bool,
+                    init_from: Path | None = None) -> Path:
+    """Train one run with ``torchrun --nproc_per_node processes -m kava.train`` (DDP through accelerate; gloo on
+    the CPU), one torch thread per process. -> the final checkpoint."""
+    import subprocess
+    import sys
+
+    from kava.checkpoint import latest_checkpoint
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_file = run_dir / "launch_config.yaml"
+    cfg.to_yaml(cfg_file)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+           "-m", "kava.train", "--config", str(cfg_file), "--output", str(run_dir)]
+    cmd += ["--resume", str(run_dir)] if resume else ["--init-from", str(init_from)] if init_from else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log.info("training %s in %d processes: %s", run_dir.name, processes, " ".join(cmd))
+    proc = subprocess.run(cmd, env=env)
+    final = latest_checkpoint(run_dir)
+    if proc.returncode != 0 or final is None:
+        raise SystemExit(f"{run_dir.name}: training in {processes} processes failed (exit status {proc.returncode}); "
+                         f"its output is above, its log in {run_dir}")
+    return final
+
+
 def train_and_eval(name: str, cfg: KavaConfig, out: Path, test_path: Path, modes: list[str],
-                   init_from: Path | None = None) -> dict:
-    """Train one run (or reuse a finished one; ``init_from``: branch off that checkpoint) and evaluate it."""
+                   init_from: Path | None = None, processes: int = 1) -> dict:
+    """Train one run (or reuse a finished one; ``init_from``: branch off that checkpoint) and evaluate it.
+    ``processes`` > 1: train with that many data-parallel single-thread processes (:func:`launch_training`)."""
     from kava.data.formats import load_examples
     from kava.evaluate import evaluate, load_checkpoint
     from kava.train import run_training
@@ -149,7 +188,10 @@ def train_and_eval(name: str, cfg: KavaConfig, out: Path, test_path: Path, modes
     # A finished run is reused (make demo twice = evaluate again); an unfinished one resumes.
     final = latest_checkpoint(run_dir) if (run_dir / "DONE").exists() else None
     if final is None:
-        if latest_checkpoint(run_dir):
+        resume = latest_checkpoint(run_dir) is not None
+        if processes > 1:
+            final = launch_training(data_parallel_config(cfg, processes), run_dir, processes, resume, init_from)
+        elif resume:
             final = run_training(cfg, run_dir, resume=run_dir)
         else:
             final = run_training(cfg, run_dir, init_from=init_from)
@@ -223,10 +265,14 @@ def _describe_task(name: str) -> str:
             f"* operands {r.mul[0]}..{r.mul[1]}, starting amounts {r.start[0]}..{r.start[1]}")
 
 
-def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str], workers: int = 1) -> dict:
+def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str], workers: int = 1, processes: int = 1) -> dict:
     """``workers=1``: KaVa, then No-CoT, in this process at its torch thread count. ``workers=2``: side by side in
     two single-thread processes (the same results as ``workers=1`` at one thread); on the 2-core machine of
-    docs/results.md this was slower than one process with 2 threads, so it is not the default."""
+    docs/results.md this was slower than one process with 2 threads, so it is not the default. ``processes=P``:
+    KaVa, then No-CoT, each trained data-parallel over P single-thread processes (DDP; the same global batch, the
+    micro-batch split), evaluated here; docs/perf.md section 12 measured 2 processes 1.26x faster than 2 threads."""
+    if workers > 1 and processes > 1:
+        raise SystemExit("--workers and --processes: choose one (side by side, or each run data-parallel)")
     t_start = time.perf_counter()
     task = prepare_task(out, seed, sizes)
     train_path, test_path, model_dir = task.train, task.test, task.model_dir
@@ -245,7 +291,8 @@ def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str], workers: 
                        for name, (cfg, modes) in jobs.items()}
             done = {name: f.result() for name, f in futures.items()}
     else:
-        done = {name: train_and_eval(name, cfg, out, test_path, modes) for name, (cfg, modes) in jobs.items()}
+        done = {name: train_and_eval(name, cfg, out, test_path, modes, processes=processes)
+                for name, (cfg, modes) in jobs.items()}
     kava, nocot = done["kava"], done["nocot"]
     plotted = plot_curves({"KaVa": out / "kava", "No-CoT": out / "nocot"}, out / "training_curves.png")
     wall = time.perf_counter() - t_start
@@ -270,6 +317,7 @@ def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str], workers: 
         f"Bar (>= +10 points, disjoint CIs): {'MET' if bar else 'NOT MET'}.",
         f"Wall time of this demo: {wall:.0f} s "
         + ("(KaVa and No-CoT trained side by side, one thread each)." if workers > 1 else
+           f"(KaVa, then No-CoT, each data-parallel over {processes} single-thread processes)." if processes > 1 else
            f"(KaVa, then No-CoT; {torch.get_num_threads()} torch threads)."),
         "",
         "Accuracy % by number of reasoning steps: " + "; ".join(
@@ -281,7 +329,7 @@ def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str], workers: 
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     result = {"seed": seed, "task": sizes.task, "kava": kava, "nocot": nocot, "gap_points": gap, "ci_disjoint": disjoint,
-              "bar_met": bar, "wall_s": wall, "workers": workers}
+              "bar_met": bar, "wall_s": wall, "workers": workers, "processes": processes}
     (out / "report.json").write_text(json.dumps(result, indent=1))
     print(text)
     return result
@@ -310,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None,
                    help="parallel single-thread worker processes (default 1; demo: 2 trains KaVa and No-CoT side "
                         "by side, 1 one after the other at --threads)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="train each run data-parallel over this many single-thread processes (torchrun, DDP; "
+                        "the same global batch); evaluation stays in this process")
     p.add_argument("--task", default="small", choices=sorted(TASKS),
                    help="number sizes of the synthetic problems: small (values <= 60, the default) or "
                         "sizing (values <= 200, the task of docs/DEMO_SIZING)")
@@ -323,10 +374,16 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.workers is not None and args.workers < 1:
         p.error(f"--workers: must be >= 1, got {args.workers}")
+    if args.processes < 1:
+        p.error(f"--processes: must be >= 1, got {args.processes}")
     if args.ablate:
+        if args.processes > 1:
+            p.error("--processes: not with --ablate (the sweep runs its runs in --workers processes)")
         run_ablation(out, args.seed, args.task, args.sets, args.workers or 1, quick=args.quick)
     else:
-        run_demo(out, args.seed, sizes, args.sets, workers=args.workers or 1)
+        if (args.workers or 1) > 1 and args.processes > 1:
+            p.error("--workers and --processes: choose one (side by side, or each run data-parallel)")
+        run_demo(out, args.seed, sizes, args.sets, workers=args.workers or 1, processes=args.processes)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import pytest
 import torch
 
 from kava.demo import main
@@ -73,6 +74,38 @@ def test_side_by_side_demo_equals_the_one_after_the_other_demo_at_one_thread(tmp
             rel = f.relative_to(tmp_path / "side_by_side")
             wa, wb = load_file(f), load_file(tmp_path / "sequential" / rel)
             assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), (run, rel)
+
+
+def test_data_parallel_demo_trains_what_one_process_trains(tmp_path, monkeypatch):
+    """--processes 2: each run trains in two DDP processes (torchrun) with the micro-batch split; the losses are
+    the one-process run's at that micro-batch, to float summation order."""
+    import os
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    sets = ["--set", "train.max_steps=3", "--set", "train.curriculum_cot_steps=1", "--set", "train.global_batch_size=8",
+            "--set", "train.micro_batch_size=8", "--set", "eval.max_cot_tokens=8", "--set", "train.log_every=1"]
+    before = torch.get_num_threads()
+    try:
+        assert main(["--quick", "--output", str(tmp_path / "ddp"), *sets, "--processes", "2"]) == 0
+        assert main(["--quick", "--output", str(tmp_path / "one"), *sets, "--set", "train.micro_batch_size=4",
+                     "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    report = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    assert report["processes"] == 2 and "data-parallel over 2" in (tmp_path / "ddp" / "report.md").read_text()
+    for run in ("kava", "nocot"):
+        cfg = (tmp_path / "ddp" / run / "config.yaml").read_text()
+        assert "micro_batch_size: 4" in cfg  # the global batch of 8 split over the two processes
+
+        def losses(d):
+            rows = [json.loads(x) for x in (d / run / "metrics.jsonl").read_text().splitlines()]
+            return [r["loss"] for r in rows if "loss" in r]
+
+        a, b = losses(tmp_path / "ddp"), losses(tmp_path / "one")
+        assert len(a) == len(b) == 3
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
 
 
 def test_demo_refuses_a_run_directory_of_another_task(tmp_path):
