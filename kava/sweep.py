@@ -13,6 +13,7 @@ each), the seeds, the budget and the reference variant::
     variants:
       kava: []
       pccot: [method=pccot]
+    pairs: [[pccot, kava]]     # optional: more paired differences for the report (may be added later)
 
 Without ``task`` the base config's own data is trained on and ``valid:`` / ``test:`` name the held-out files.
 
@@ -78,6 +79,7 @@ class SweepSpec:
     valid: Optional[str] = None
     test: Optional[str] = None
     extra_modes: list[str] = field(default_factory=list)
+    pairs: list[list[str]] = field(default_factory=list)  # [a, b]: also report a - b, paired (report only)
     source: str = "spec"
 
     @classmethod
@@ -127,6 +129,15 @@ class SweepSpec:
             bad = sorted(set(spec.sizes) - {f.name for f in fields(DemoSizes)} - {"quick"})
             if bad:
                 raise ConfigError(f"{source}: sizes: unknown field(s) {', '.join(bad)}")
+        if not isinstance(spec.pairs, list) or not all(
+                isinstance(pr, list) and len(pr) == 2 and all(isinstance(x, str) for x in pr) for pr in spec.pairs):
+            raise ConfigError(f"{source}: 'pairs' must be a list of [variant, variant] pairs, got {spec.pairs!r}")
+        for a, b in spec.pairs:
+            for x in (a, b):
+                if x not in variants:
+                    raise ConfigError(f"{source}: pairs: {x!r} is not one of the variants ({', '.join(variants)})")
+            if a == b:
+                raise ConfigError(f"{source}: pairs: [{a}, {b}] compares a variant with itself")
         for mode in spec.extra_modes:
             if mode not in ("cot", "direct"):
                 raise ConfigError(f"{source}: extra_modes: expected 'cot' or 'direct', got {mode!r}")
@@ -229,7 +240,7 @@ def extends(new: dict, old: dict) -> bool:
 
     The finished runs of ``old`` are then runs of ``new`` too (their configs are still checked one by one).
     """
-    same = all(new.get(k) == old.get(k) for k in set(new) | set(old) if k not in ("variants", "seeds"))
+    same = all(new.get(k) == old.get(k) for k in set(new) | set(old) if k not in ("variants", "seeds", "pairs"))
     kept = all(new["variants"].get(name) == sets for name, sets in old["variants"].items())
     return same and kept and set(old["seeds"]) <= set(new["seeds"])
 
@@ -447,35 +458,47 @@ def compare(spec: SweepSpec, results: dict[tuple[str, int], dict], outcomes: dic
     """Per variant: accuracy per seed, mean and spread, and the paired comparison with the reference."""
     import numpy as np
 
-    from kava.stats import mcnemar_exact, paired_bootstrap_ci
-
     report: dict[str, Any] = {"reference": spec.reference, "seeds": spec.seeds, "variants": {}}
     for name in spec.variants:
+        vs_ref = paired_difference(spec, name, spec.reference, outcomes) if name != spec.reference else None
         per_seed = {}
         for seed in spec.seeds:
             r = results[(name, seed)]
             rep = r["modes"][r["primary_mode"]]
-            row = {"accuracy": rep["accuracy"], "ci95": rep["ci95"], "n": rep["n"],
-                   "forward_passes_mean": rep["forward_passes_mean"], "mode": r["primary_mode"],
-                   "other_modes": {m: v["accuracy"] for m, v in r["modes"].items() if m != r["primary_mode"]}}
-            if name != spec.reference:
-                a, b = outcomes[(name, seed)], outcomes[(spec.reference, seed)]
-                d, lo, hi = paired_bootstrap_ci([(a, b)], seed=seed)
-                row.update(diff=d, diff_ci95=[lo, hi], mcnemar_p=mcnemar_exact(a, b))
-            per_seed[seed] = row
+            per_seed[seed] = {"accuracy": rep["accuracy"], "ci95": rep["ci95"], "n": rep["n"],
+                              "forward_passes_mean": rep["forward_passes_mean"], "mode": r["primary_mode"],
+                              "other_modes": {m: v["accuracy"] for m, v in r["modes"].items() if m != r["primary_mode"]},
+                              **(vs_ref["per_seed"][seed] if vs_ref else {})}
         accs = [per_seed[s]["accuracy"] for s in spec.seeds]
         entry: dict[str, Any] = {"sets": spec.variants[name], "per_seed": per_seed, "mean": float(np.mean(accs)),
                                  "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
                                  "forward_passes_mean": float(np.mean([per_seed[s]["forward_passes_mean"] for s in spec.seeds]))}
-        if name != spec.reference:
-            d, lo, hi = paired_bootstrap_ci([(outcomes[(name, s)], outcomes[(spec.reference, s)]) for s in spec.seeds])
-            entry.update(pooled_diff=d, pooled_diff_ci95=[lo, hi])
+        if vs_ref:
+            entry.update(pooled_diff=vs_ref["pooled_diff"], pooled_diff_ci95=vs_ref["pooled_diff_ci95"])
         report["variants"][name] = entry
+    report["pairs"] = [paired_difference(spec, a, b, outcomes) for a, b in spec.pairs]
     return report
+
+
+def paired_difference(spec: SweepSpec, a: str, b: str, outcomes: dict[tuple[str, int], list[bool]]) -> dict:
+    """``a`` - ``b`` on the same questions: per seed (bootstrap CI, McNemar p) and pooled over the seeds."""
+    from kava.stats import mcnemar_exact, paired_bootstrap_ci
+
+    per_seed = {}
+    for seed in spec.seeds:
+        x, y = outcomes[(a, seed)], outcomes[(b, seed)]
+        d, lo, hi = paired_bootstrap_ci([(x, y)], seed=seed)
+        per_seed[seed] = {"diff": d, "diff_ci95": [lo, hi], "mcnemar_p": mcnemar_exact(x, y)}
+    d, lo, hi = paired_bootstrap_ci([(outcomes[(a, s)], outcomes[(b, s)]) for s in spec.seeds])
+    return {"a": a, "b": b, "per_seed": per_seed, "pooled_diff": d, "pooled_diff_ci95": [lo, hi]}
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
+
+
+def _delta_cell(r: dict) -> str:
+    return f"{100 * r['diff']:+.1f} [{100 * r['diff_ci95'][0]:+.1f}, {100 * r['diff_ci95'][1]:+.1f}] p={r['mcnemar_p']:.2g}"
 
 
 def format_report(spec: SweepSpec, report: dict, split: str) -> str:
@@ -493,12 +516,19 @@ def format_report(spec: SweepSpec, report: dict, split: str) -> str:
         if name == ref:
             deltas = " | ".join("" for _ in spec.seeds) + " | (reference)"
         else:
-            deltas = " | ".join(
-                f"{100 * r['diff']:+.1f} [{100 * r['diff_ci95'][0]:+.1f}, {100 * r['diff_ci95'][1]:+.1f}] p={r['mcnemar_p']:.2g}"
-                for r in (v["per_seed"][s] for s in spec.seeds))
+            deltas = " | ".join(_delta_cell(v["per_seed"][s]) for s in spec.seeds)
             lo, hi = v["pooled_diff_ci95"]
             deltas += f" | **{100 * v['pooled_diff']:+.1f}** [{100 * lo:+.1f}, {100 * hi:+.1f}]"
         lines.append(f"| {name} | {accs} | {_pct(v['mean'])} ± {_pct(v['std'])} | {v['forward_passes_mean']:.1f} | {deltas} |")
+    if report.get("pairs"):
+        lines += ["", "Other pairs, paired on the same questions:", "",
+                  "| pair | " + " | ".join(f"Δ seed {s} [CI] p" for s in spec.seeds) + " | Δ pooled [95% CI] |",
+                  "|---" * (2 + len(spec.seeds)) + "|"]
+        for pr in report["pairs"]:
+            cells = " | ".join(_delta_cell(pr["per_seed"][s]) for s in spec.seeds)
+            lo, hi = pr["pooled_diff_ci95"]
+            lines.append(f"| `{pr['a']}` − `{pr['b']}` | {cells} | **{100 * pr['pooled_diff']:+.1f}** "
+                         f"[{100 * lo:+.1f}, {100 * hi:+.1f}] |")
     other = [(name, s, m, a) for name, v in report["variants"].items() for s in spec.seeds
              for m, a in v["per_seed"][s]["other_modes"].items()]
     if other:

@@ -201,8 +201,22 @@ def test_report_is_kava_stats_of_the_prediction_files(swept, tmp_path):
             (run / "result_valid.json").write_text(json.dumps(result))
     for f in ("report_valid.json", "report_valid.md", "report_valid.png"):
         (copy / f).unlink()
+    # A spec may add report-only pairs to a finished sweep: here kava - pccot, the reverse of the reference column.
+    spec = write_spec(tmp_path / "spec_pairs.yaml", pairs=[["kava", "pccot"]])
     assert sweep.main([str(spec), "--output", str(copy), "--no-train"]) == 0
     report = check_report_against_files(copy, "valid")
+    (pair,) = report["pairs"]
+    assert (pair["a"], pair["b"]) == ("kava", "pccot")
+    for seed in SEEDS:
+        a, b = outcomes(copy / f"seed{seed}" / "kava"), outcomes(copy / f"seed{seed}" / "pccot")
+        d, lo, hi = paired_bootstrap_ci([(a, b)], seed=seed)
+        row = pair["per_seed"][str(seed)]
+        assert (row["diff"], row["diff_ci95"], row["mcnemar_p"]) == (d, [lo, hi], mcnemar_exact(a, b))
+        assert row["diff"] == pytest.approx(-report["variants"]["pccot"]["per_seed"][str(seed)]["diff"], abs=1e-12)
+    d, lo, hi = paired_bootstrap_ci([(outcomes(copy / f"seed{s}" / "kava"), outcomes(copy / f"seed{s}" / "pccot"))
+                                     for s in SEEDS])
+    assert pair["pooled_diff"] == d and pair["pooled_diff_ci95"] == [lo, hi]
+    assert f"| `kava` − `pccot` |" in (copy / "report_valid.md").read_text()
     rows = [report["variants"]["pccot"]["per_seed"][str(s)] for s in SEEDS]
     assert any(r["diff"] != 0 for r in rows) and any(r["mcnemar_p"] < 1 for r in rows)
     md = (copy / "report_valid.md").read_text()
@@ -337,6 +351,9 @@ def test_no_train_before_training_is_a_clear_error(tmp_path, capsys):
     ({"budget": 0}, "'budget' must be a positive integer"),
     ({"sizes": {"quick": True, "n_tset": 3}}, "sizes: unknown field(s) n_tset"),
     ({"variants": {"kava": [], "seed2": []}}, "variant name 'seed2'"),
+    ({"pairs": [["kava", "codi"]]}, "pairs: 'codi' is not one of the variants (kava, pccot)"),
+    ({"pairs": [["kava", "kava"]]}, "pairs: [kava, kava] compares a variant with itself"),
+    ({"pairs": ["kava"]}, "'pairs' must be a list of [variant, variant] pairs"),
     (None, "no such sweep spec"),
 ])
 def test_bad_spec_is_a_one_line_error(tmp_path, capsys, change, message):
