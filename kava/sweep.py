@@ -404,23 +404,37 @@ def run_sweep(spec: SweepSpec, out: Path, workers: int = 1, threads: int = 1, sp
     with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=_init_worker,
                              initargs=(threads,)) as pool:
         pending: dict[Future, tuple[str, Any]] = {}
-        waiting: list[Job] = []
+        queue = list(todo)  # in order; a run leaves it when it starts
         ready_warm: dict[tuple[int, str], Path] = {}
-        needed = {(j.seed, j.warm) for j in todo if j.warm is not None and not (j.run_dir / "DONE").exists()}
-        for key in sorted(needed):
-            wj = warm_jobs[key]
-            done = warm_done(wj)
+        started_warm: set[tuple[int, str]] = set()
+        for key in {(j.seed, j.warm) for j in todo if j.warm is not None and not (j.run_dir / "DONE").exists()}:
+            done = warm_done(warm_jobs[key])
             if done is not None:
                 ready_warm[key] = done
-            else:
-                pending[pool.submit(run_warm, wj)] = ("warm", wj)
-        for j in todo:
-            key = (j.seed, j.warm)
-            if j.warm is None or (j.run_dir / "DONE").exists() or key in ready_warm:
-                pending[pool.submit(run_job, j, ready_warm.get(key), split, held(j), spec.extra_modes)] = ("run", j)
-            else:
-                waiting.append(j)
+
+        def next_job() -> Optional[tuple[str, Job]]:
+            """The first run in order that can start, or the warm start of the first one that waits for it: jobs
+            go to the pool one per free worker, so runs start in order (a queue filled up front would let runs
+            without a warm start overtake every run that waits for one)."""
+            for j in queue:
+                key = (j.seed, j.warm)
+                if j.warm is None or (j.run_dir / "DONE").exists() or key in ready_warm:
+                    queue.remove(j)
+                    return "run", j
+                if key not in started_warm:
+                    started_warm.add(key)
+                    return "warm", warm_jobs[key]
+            return None
+
+        def fill() -> None:
+            while len(pending) < max(1, workers) and (job := next_job()) is not None:
+                kind, j = job
+                fut = pool.submit(run_warm, j) if kind == "warm" else pool.submit(
+                    run_job, j, ready_warm.get((j.seed, j.warm)), split, held(j), spec.extra_modes)
+                pending[fut] = job
+
         failures = []
+        fill()
         while pending:
             done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
             for fut in done:
@@ -430,16 +444,13 @@ def run_sweep(spec: SweepSpec, out: Path, workers: int = 1, threads: int = 1, sp
                     failures.append(f"seed{j.seed}/{j.name}: {type(err).__name__}: {err}")
                     log.error("sweep: %s failed: %s", j.name, err)
                     if kind == "warm":
-                        waiting = [w for w in waiting if (w.seed, w.warm) != (j.seed, j.name)]
+                        queue[:] = [w for w in queue if (w.seed, w.warm) != (j.seed, j.name)]
                     continue
                 if kind == "warm":
                     ready_warm[(j.seed, j.name)] = warm_done(j)
-                    for w in [w for w in waiting if (w.seed, w.warm) == (j.seed, j.name)]:
-                        waiting.remove(w)
-                        pending[pool.submit(run_job, w, ready_warm[(j.seed, j.name)], split, held(w),
-                                            spec.extra_modes)] = ("run", w)
                 else:
                     log.info("sweep: %s", fut.result())
+            fill()
         if failures:
             raise SweepError("sweep: failed runs (finished ones are kept; run the sweep again to retry):\n  "
                                + "\n  ".join(failures))

@@ -512,3 +512,15 @@ def test_a_spec_that_adds_a_variant_trains_only_that_variant(swept, tmp_path, ca
         assert main(["sweep", str(bad), "--output", str(copy)]) == 2
         assert "may only add variants or seeds" in capsys.readouterr().err
         assert snapshot(copy) == before
+
+
+def test_runs_start_in_variant_order_even_when_the_first_waits_for_its_warm_start(tmp_path):
+    """One worker: kava and pccot (which wait for their shared teacher-only warm start) run before nocot (which
+    needs none), in the spec's order."""
+    spec = write_spec(tmp_path / "spec.yaml", seeds=[0], variants={
+        "kava": [], "pccot": ["method=pccot"], "nocot": ["method=nocot", "train.curriculum_cot_steps=0"]})
+    out = tmp_path / "out"
+    assert sweep.main([str(spec), "--output", str(out), "--workers", "1"]) == 0
+    done = [(out / "seed0" / name / "DONE").stat().st_mtime_ns for name in ("kava", "pccot", "nocot")]
+    (warm,) = (out / "seed0").glob("warm_*")
+    assert (warm / "checkpoints").stat().st_mtime_ns < done[0] < done[1] < done[2]
