@@ -16,8 +16,11 @@ Reads top to bottom:
 Determinism. The data order is a pure function of ``(train.seed, global step)``:
 epoch ``e`` is a permutation of the example indices drawn from a generator
 seeded with ``seed + e``, cut into global batches of ``train.global_batch_size``
-(the last one wraps around to the start of the same permutation). Each global
-batch is split into micro-batches of ``train.micro_batch_size``; with P
+(the last one wraps around to the start of the same permutation; with
+``train.group_by_length`` the permutation is first sorted by length within
+megabatches of 50 global batches, and the batches are visited in a shuffled
+order). Each global batch is split into micro-batches of
+``train.micro_batch_size``; with P
 processes, process r takes micro-batches r, r+P, ... Before each micro-batch
 the torch RNG (dropout) and the random-eviction generator are seeded from
 ``(seed, step, micro-batch index)``. So resuming from a checkpoint, or running
