@@ -524,3 +524,12 @@ def test_runs_start_in_variant_order_even_when_the_first_waits_for_its_warm_star
     done = [(out / "seed0" / name / "DONE").stat().st_mtime_ns for name in ("kava", "pccot", "nocot")]
     (warm,) = (out / "seed0").glob("warm_*")
     assert (warm / "checkpoints").stat().st_mtime_ns < done[0] < done[1] < done[2]
+
+
+@pytest.mark.parametrize("path", sorted((Path(sweep.__file__).parent / "presets" / "sweeps").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_packaged_spec_resolves_every_variant(path):
+    spec = sweep.SweepSpec.from_yaml(path)
+    for name in spec.variants:
+        for seed in spec.seeds:
+            sweep.variant_config(spec, name, seed)
