@@ -362,10 +362,12 @@ def run_job(job: Job, warm_checkpoint: Optional[Path], split: str, held_out: Pat
 
 
 def run_sweep(spec: SweepSpec, out: Path, workers: int = 1, threads: int = 1, split: str = "valid",
-              train: bool = True) -> dict:
+              train: bool = True, partial: bool = False) -> dict:
     """Run (or continue) every job, then write the report for ``split``; returns the report dict.
 
     ``train=False`` only scores and reports runs that are already trained (e.g. the test split, once).
+    ``partial`` (with ``train=False``): report the variants trained at every seed and leave out the others
+    (a look at a long sweep before it ends); the reference must be trained.
     """
     if split not in SPLITS:
         raise ConfigError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
@@ -391,10 +393,21 @@ def run_sweep(spec: SweepSpec, out: Path, workers: int = 1, threads: int = 1, sp
     order = list(spec.variants)
     todo = sorted((j for j in jobs if j.kind == "run" and not (j.run_dir / f"result_{split}.json").exists()),
                   key=lambda j: (order.index(j.name), spec.seeds.index(j.seed)))
+    left_out: list[str] = []
     if not train:
         missing = [f"seed{j.seed}/{j.name}" for j in todo if not (j.run_dir / "DONE").exists()]
-        if missing:
-            raise ConfigError(f"{out}: not trained yet: {', '.join(missing)}; run the sweep without --no-train first")
+        if missing and partial:
+            left_out = [n for n in spec.variants if any(j.name == n and not (j.run_dir / "DONE").exists() for j in todo)]
+            if spec.reference in left_out:
+                raise ConfigError(f"{out}: the reference {spec.reference!r} is not trained yet; --partial needs it")
+            spec = replace(spec, variants={n: v for n, v in spec.variants.items() if n not in left_out},
+                           pairs=[p for p in spec.pairs if not set(p) & set(left_out)])
+            todo = [j for j in todo if j.name not in left_out]
+            jobs = [j for j in jobs if j.name not in left_out]
+            log.warning("sweep %s: not trained yet, left out of the report: %s", out, ", ".join(left_out))
+        elif missing:
+            raise ConfigError(f"{out}: not trained yet: {', '.join(missing)}; run the sweep without --no-train first "
+                              f"(or report the finished variants with --partial)")
     log.info("sweep %s: %d runs, %d to do, %d workers", out, sum(j.kind == 'run' for j in jobs), len(todo), workers)
 
     def held(j: Job) -> Path:
@@ -454,7 +467,7 @@ def run_sweep(spec: SweepSpec, out: Path, workers: int = 1, threads: int = 1, sp
         if failures:
             raise SweepError("sweep: failed runs (finished ones are kept; run the sweep again to retry):\n  "
                                + "\n  ".join(failures))
-    return write_report(spec, out, split, [j for j in jobs if j.kind == "run"])
+    return write_report(spec, out, split, [j for j in jobs if j.kind == "run"], left_out)
 
 
 # ---- the report -------------------------------------------------------------------------------------
@@ -556,6 +569,8 @@ def format_report(spec: SweepSpec, report: dict, split: str) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Overrides per variant: " + "; ".join(f"`{n}`: {' '.join(v['sets']) or '(none)'}"
                                                        for n, v in report["variants"].items()) + "."]
+    if report.get("left_out"):
+        lines += ["", "**Partial report**: not trained yet, left out: " + ", ".join(f"`{n}`" for n in report["left_out"]) + "."]
     lines += ["", f"![accuracy per variant](report_{split}.png)"]
     return "\n".join(lines) + "\n"
 
@@ -625,7 +640,7 @@ def final_train_metrics(run_dir: Path) -> dict[str, float]:
     return {k: last[k] for k in TRAIN_METRICS if k in last} | ({"step": last["step"]} if "step" in last else {})
 
 
-def write_report(spec: SweepSpec, out: Path, split: str, runs: list[Job]) -> dict:
+def write_report(spec: SweepSpec, out: Path, split: str, runs: list[Job], left_out: list[str] = ()) -> dict:
     results, outcomes = {}, {}
     for j in runs:
         r = json.loads((j.run_dir / f"result_{split}.json").read_text())
@@ -633,6 +648,7 @@ def write_report(spec: SweepSpec, out: Path, split: str, runs: list[Job]) -> dic
         outcomes[(j.name, j.seed)] = _outcomes(j.run_dir, split, r["primary_mode"])
     report = compare(spec, results, outcomes)
     report["split"] = split
+    report["left_out"] = list(left_out)
     for j in runs:
         v = report["variants"][j.name]
         v["max_steps"] = j.config["train"]["max_steps"]
@@ -655,13 +671,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="valid", choices=SPLITS,
                    help="held-out split to score and report (make choices on valid; score test once, at the end)")
     p.add_argument("--no-train", action="store_true", help="only score runs that are already trained")
+    p.add_argument("--partial", action="store_true",
+                   help="with --no-train: report the variants trained at every seed, leave out the others")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f"--workers: must be >= 1, got {args.workers}")
+    if args.partial and not args.no_train:
+        p.error("--partial: only with --no-train (a training sweep reports when every run is done)")
     spec = SweepSpec.from_yaml(resolve_spec(args.spec))
     try:
         run_sweep(spec, Path(args.output), workers=args.workers, threads=args.threads, split=args.split,
-                  train=not args.no_train)
+                  train=not args.no_train, partial=args.partial)
     except SweepError as e:
         print(f"kava sweep: {e}", file=sys.stderr)
         return 1

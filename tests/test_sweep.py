@@ -533,3 +533,24 @@ def test_every_packaged_spec_resolves_every_variant(path):
     for name in spec.variants:
         for seed in spec.seeds:
             sweep.variant_config(spec, name, seed)
+
+
+def test_partial_report_leaves_out_unfinished_variants(swept, tmp_path, capsys):
+    from kava.cli import main
+
+    spec, out = swept
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*_test*", "report_*"))
+    for f in ("DONE", "result_valid.json"):
+        (copy / f"seed{SEEDS[-1]}" / "pccot" / f).unlink()
+    assert main(["sweep", str(spec), "--output", str(copy), "--no-train"]) == 2
+    assert "--partial" in capsys.readouterr().err and not (copy / "report_valid.json").exists()
+    assert sweep.main([str(spec), "--output", str(copy), "--no-train", "--partial"]) == 0
+    report = json.loads((copy / "report_valid.json").read_text())
+    assert list(report["variants"]) == ["kava"] and report["left_out"] == ["pccot"]
+    assert "**Partial report**: not trained yet, left out: `pccot`." in (copy / "report_valid.md").read_text()
+    assert not (copy / f"seed{SEEDS[-1]}" / "pccot" / "DONE").exists()  # nothing trained
+    for f in ("DONE", "result_valid.json"):
+        (copy / f"seed{SEEDS[0]}" / "kava" / f).unlink(missing_ok=True)
+    assert main(["sweep", str(spec), "--output", str(copy), "--no-train", "--partial"]) == 2
+    assert "the reference 'kava' is not trained yet" in capsys.readouterr().err
