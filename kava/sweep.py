@@ -543,7 +543,8 @@ def format_report(spec: SweepSpec, report: dict, split: str) -> str:
             deltas = " | ".join(_delta_cell(v["per_seed"][s]) for s in spec.seeds)
             lo, hi = v["pooled_diff_ci95"]
             deltas += f" | **{100 * v['pooled_diff']:+.1f}** [{100 * lo:+.1f}, {100 * hi:+.1f}]"
-        lines.append(f"| {name} | {accs} | {_pct(v['mean'])} ± {_pct(v['std'])} | {v['forward_passes_mean']:.1f} | {deltas} |")
+        spread = f"{_pct(v['mean'])} ± {_pct(v['std'])}" if len(spec.seeds) > 1 else f"{_pct(v['mean'])} (1 seed)"
+        lines.append(f"| {name} | {accs} | {spread} | {v['forward_passes_mean']:.1f} | {deltas} |")
     if report.get("pairs"):
         lines += ["", "Other pairs, paired on the same questions:", "",
                   "| pair | " + " | ".join(f"Δ seed {s} [CI] p" for s in spec.seeds) + " | Δ pooled [95% CI] |",
