@@ -252,7 +252,7 @@ def run_training(cfg: KavaConfig, output_dir: str | Path, resume: str | Path | N
 
     run = Run(cfg=cfg, out=out, accelerator=accelerator, model=model, kava=kava, optimizer=optimizer,
               scheduler=scheduler, train=train, eval=evals, state=state, train_segments=train_segments,
-              train_lengths=tuple(s.teacher_len for s in train_segments),
+              train_lengths=tuple(s.teacher_len for s in train_segments) if cfg.train.group_by_length else (),
               log=MetricsLog(out, accelerator.is_main_process, cfg.train.tensorboard, resume_step=state.step if checkpoint else None),
               sharded=sharded)
     try:
