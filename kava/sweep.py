@@ -395,9 +395,9 @@ def run_sweep(spec: SweepSpec, out: Path, workers: int = 1, threads: int = 1, sp
                   key=lambda j: (order.index(j.name), spec.seeds.index(j.seed)))
     left_out: list[str] = []
     if not train:
-        missing = [f"seed{j.seed}/{j.name}" for j in todo if not (j.run_dir / "DONE").exists()]
-        if missing and partial:
-            left_out = [n for n in spec.variants if any(j.name == n and not (j.run_dir / "DONE").exists() for j in todo)]
+        untrained = [j for j in todo if not (j.run_dir / "DONE").exists()]
+        if untrained and partial:
+            left_out = [n for n in spec.variants if any(j.name == n for j in untrained)]
             if spec.reference in left_out:
                 raise ConfigError(f"{out}: the reference {spec.reference!r} is not trained yet; --partial needs it")
             spec = replace(spec, variants={n: v for n, v in spec.variants.items() if n not in left_out},
@@ -405,8 +405,9 @@ def run_sweep(spec: SweepSpec, out: Path, workers: int = 1, threads: int = 1, sp
             todo = [j for j in todo if j.name not in left_out]
             jobs = [j for j in jobs if j.name not in left_out]
             log.warning("sweep %s: not trained yet, left out of the report: %s", out, ", ".join(left_out))
-        elif missing:
-            raise ConfigError(f"{out}: not trained yet: {', '.join(missing)}; run the sweep without --no-train first "
+        elif untrained:
+            raise ConfigError(f"{out}: not trained yet: {', '.join(f'seed{j.seed}/{j.name}' for j in untrained)}; "
+                              f"run the sweep without --no-train first "
                               f"(or report the finished variants with --partial)")
     log.info("sweep %s: %d runs, %d to do, %d workers", out, sum(j.kind == 'run' for j in jobs), len(todo), workers)
 
