@@ -124,6 +124,7 @@ class TrainCfg:
     curriculum_cot_steps: int = _f(0, "first N steps train the teacher CE only (warm-start the CoT teacher)")
     curriculum_ramp_steps: int = _f(0, "after the curriculum, the student terms grow linearly from 0 to full weight over N steps")
     group_by_length: bool = _f(False, "length-grouped batches: each epoch's shuffled order is cut into megabatches of 50 global batches, each sorted by teacher length, and the batches are shuffled (less padding; HF Trainer's group_by_length)")
+    sort_micro_batches: bool = _f(False, "sort each global batch by teacher length before cutting it into micro-batches: the same examples per step, less padding in each micro-batch (pair with micro_batch_size < global_batch_size)")
     share_question_pass: bool = _f(True, "student reuses the teacher pass's Q <bot> KV (same values, one question pass fewer per step)")
     fsdp: bool = _f(False, "with several processes, shard the model with FSDP2 (one unit per decoder layer) instead of DDP; launch without accelerate's --use_fsdp")
 

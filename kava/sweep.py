@@ -59,7 +59,7 @@ _WARM_FREE_KEYS = ("train.curriculum_ramp_steps", "train.save_every", "train.kee
 _LATENT_METHODS = ("kava", "pccot", "codi")
 # Keys added after sweeps were first written: left out of the warm key at their default, so that the warm starts
 # of an existing sweep directory keep their names.
-_WARM_KEY_NEWER = {"train.group_by_length": False}
+_WARM_KEY_NEWER = {"train.group_by_length": False, "train.sort_micro_batches": False}
 
 
 class SweepError(RuntimeError):

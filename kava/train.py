@@ -20,7 +20,8 @@ seeded with ``seed + e``, cut into global batches of ``train.global_batch_size``
 ``train.group_by_length`` the permutation is first sorted by length within
 megabatches of 50 global batches, and the batches are visited in a shuffled
 order). Each global batch is split into micro-batches of
-``train.micro_batch_size``; with P
+``train.micro_batch_size`` (with ``train.sort_micro_batches`` after sorting it
+by length: :func:`sort_for_micro_batches`); with P
 processes, process r takes micro-batches r, r+P, ... Before each micro-batch
 the torch RNG (dropout) and the random-eviction generator are seeded from
 ``(seed, step, micro-batch index)``. So resuming from a checkpoint, or running
@@ -142,7 +143,7 @@ class Run:
     state: TrainState
     log: "MetricsLog"
     train_segments: SegmentStore  # train's Segments, tokenised once; every step collates from them
-    train_lengths: tuple[int, ...] = ()  # teacher length per training example (train.group_by_length)
+    train_lengths: tuple[int, ...] = ()  # teacher length per example (train.group_by_length, sort_micro_batches)
     sharded: bool = False  # train.fsdp under several processes: FSDP2 units, no DDP (kava/sharding.py)
 
 
@@ -252,7 +253,8 @@ def run_training(cfg: KavaConfig, output_dir: str | Path, resume: str | Path | N
 
     run = Run(cfg=cfg, out=out, accelerator=accelerator, model=model, kava=kava, optimizer=optimizer,
               scheduler=scheduler, train=train, eval=evals, state=state, train_segments=train_segments,
-              train_lengths=tuple(s.teacher_len for s in train_segments) if cfg.train.group_by_length else (),
+              train_lengths=(tuple(s.teacher_len for s in train_segments)
+                             if cfg.train.group_by_length or cfg.train.sort_micro_batches else ()),
               log=MetricsLog(out, accelerator.is_main_process, cfg.train.tensorboard, resume_step=state.step if checkpoint else None),
               sharded=sharded)
     try:
@@ -443,6 +445,19 @@ def _length_grouped(seed: int, global_batch_size: int, lengths: tuple[int, ...])
                  for i in sorted(perm[m:m + size], key=lambda i: -lengths[i]))  # stable: ties keep perm order
 
 
+def sort_for_micro_batches(indices: list[int], lengths: tuple[int, ...], micro_batch_size: int,
+                            world: int) -> list[int]:
+    """``indices`` (one global batch) reordered for ``train.sort_micro_batches``: sorted by length, so each
+    micro-batch pads only to its own longest example, with the micro-batches in snake order over the ``world``
+    processes (row 0 dealt 0, 1, ..., P-1, row 1 back P-1, ..., 0), so that :func:`my_micro_batches`' round robin
+    gives every process short and long micro-batches alike. The same examples, so the same objective up to
+    the teacher-std normalisers (docs/design.md)."""
+    ordered = sorted(indices, key=lambda i: lengths[i])  # stable: ties keep the batch's order
+    micro = [ordered[i:i + micro_batch_size] for i in range(0, len(ordered), micro_batch_size)]
+    rows = [micro[i:i + world] for i in range(0, len(micro), world)]
+    return [i for r, row in enumerate(rows) for m in (row if r % 2 == 0 else row[::-1]) for i in m]
+
+
 def my_micro_batches(indices: list[int], micro_batch_size: int, rank: int, world: int) -> list[tuple[int, list[int]]]:
     """(global micro-batch index, example indices) of the micro-batches process ``rank`` runs."""
     micro = [indices[i:i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
@@ -530,6 +545,8 @@ def train_step(run: Run, step: int) -> StepResult:
     weight = student_weight_at(step, t.curriculum_cot_steps, t.curriculum_ramp_steps)
     indices = global_batch(len(run.train), step, st.steps_per_epoch, t.global_batch_size, t.seed,
                            run.train_lengths if t.group_by_length else None)
+    if t.sort_micro_batches:
+        indices = sort_for_micro_batches(indices, run.train_lengths, t.micro_batch_size, acc.num_processes)
     mine = my_micro_batches(indices, t.micro_batch_size, acc.process_index, acc.num_processes)
     # Tokenised once by run_training: no tokenizer call here.
     host = [batches_from_segments([run.train_segments[i] for i in idx], run.kava.encoder.pad, cfg, teacher_only)

@@ -197,6 +197,30 @@ def test_length_grouping_quick(tmp_path):
     length_grouping.main(["--quick", "--out", str(out)])
     data = _load(out)
     res = data["results"]
-    assert set(res["times"]) == {"shuffled", "grouped"} and len(res["times"]["grouped"]) == data["repeats"]
+    assert set(res["times"]) == {"shuffled", "grouped", "plain2", "sorted2"}
+    assert len(res["times"]["sorted2"]) == data["repeats"]
     assert {len(v) for v in res["padded_teacher_tokens"].values()} == {data["repeats"] + 1}  # + the warm-up round
     assert {"median", "q1", "q3"} <= set(res["ratio_grouped_over_shuffled"])
+    assert set(res["ratio_over_shuffled"]) == {"grouped", "plain2", "sorted2"}
+    pad = res["padded_teacher_tokens"]
+    assert all(s <= p for s, p in zip(pad["sorted2"], pad["plain2"])) and sum(pad["sorted2"]) < sum(pad["plain2"])
+
+
+def test_padding_counts_less_with_sorted_micro_batches(tmp_path, tiny_llama_dir):
+    import padding
+    from conftest import tiny_config
+
+    rows = [{"question": "Tom has " + "very " * (i % 7) + f"many apples, {i} of them. How many?",
+             "steps": [f"<<{i}+1={i + 1}>>"] * (1 + i % 3), "answer": str(i + 1)} for i in range(40)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    preset = tmp_path / "preset.yaml"
+    tiny_config(tiny_llama_dir, **{"data.train_path": str(train), "train.global_batch_size": 8,
+                                   "train.micro_batch_size": 2}).to_yaml(preset)
+    out = tmp_path / "padding.json"
+    assert padding.main(["--preset", str(preset), "--steps", "20", "--processes", "2", "--out", str(out)]) == 0
+    totals = json.loads(out.read_text())["totals"]
+    drawn, sorted_ = totals["as drawn"], totals["sorted"]
+    assert drawn["real_teacher"] == sorted_["real_teacher"]  # the same examples
+    assert sorted_["real_teacher"] <= sorted_["teacher"] < drawn["teacher"]
+    assert sorted_["busiest_teacher"] < drawn["busiest_teacher"]

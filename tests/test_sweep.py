@@ -403,14 +403,14 @@ def test_warm_key_groups_variants_that_share_the_teacher_only_steps():
         "fsdp": ["train.fsdp=true"],
         "lr": ["train.lr=0.001"], "wd": ["train.weight_decay_scope=matrices"], "noproj": ["latent.use_projection=false"],
         "tw": ["loss.teacher_weight=0.5"], "batch": ["train.global_batch_size=8", "train.micro_batch_size=8"],
-        "grouped": ["train.group_by_length=true"],
+        "grouped": ["train.group_by_length=true"], "sorted": ["train.sort_micro_batches=true"],
     }
     spec = sweep.SweepSpec.from_dict(json.loads(json.dumps({**SPEC, "variants": variants})))
     keys = {name: sweep.warm_key(sweep.variant_config(spec, name, 0)) for name in variants}
     assert None not in keys.values()
     shared = {keys[n] for n in ("kava", "pccot", "sum", "evict", "ckpt", "fsdp")}
     assert len(shared) == 1
-    separate = [keys[n] for n in ("lr", "wd", "noproj", "tw", "batch", "grouped")]
+    separate = [keys[n] for n in ("lr", "wd", "noproj", "tw", "batch", "grouped", "sorted")]
     assert len(set(separate)) == len(separate) and not set(separate) & shared
     # Another seed never shares; nothing to share without a curriculum or for a method without latents.
     assert sweep.warm_key(sweep.variant_config(spec, "kava", 1)) != keys["kava"]
@@ -419,6 +419,7 @@ def test_warm_key_groups_variants_that_share_the_teacher_only_steps():
     assert sweep.warm_key(cfg.override(["method=cot"])) is None
     # A key added later is left out at its default: warm starts already on disk keep their names.
     assert "group_by_length" not in keys["kava"] and "group_by_length" in keys["grouped"]
+    assert "sort_micro_batches" not in keys["kava"] and "sort_micro_batches" in keys["sorted"]
 
 
 def test_plan_branches_only_groups_of_two_or_more_off_a_warm_start(tmp_path):

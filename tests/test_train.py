@@ -31,6 +31,7 @@ from kava.train import (
     my_micro_batches,
     preset_path,
     run_training,
+    sort_for_micro_batches,
 )
 
 NAMES = ["Tom", "Sara", "Ben", "Ann"]
@@ -648,6 +649,36 @@ def test_length_grouped_batches_are_sorted_within_megabatches_and_visited_shuffl
     assert first != sorted(first, reverse=True)
 
 
+@settings(max_examples=80, deadline=None)
+@given(micro=st.integers(1, 4), k=st.integers(1, 4), world=st.sampled_from([1, 2, 3]), data=st.data())
+def test_sorted_micro_batches_hold_the_batch_sorted_and_share_it_evenly(micro, k, world, data):
+    """train.sort_micro_batches: the same examples; every micro-batch a run of the sorted batch (so it pads only
+    to its own longest); every process as many micro-batches, and in each row of P micro-batches one each."""
+    g = micro * k * world
+    batch = data.draw(st.permutations(range(g)))
+    lengths = tuple(data.draw(st.lists(st.integers(1, 30), min_size=g, max_size=g)))
+    out = sort_for_micro_batches(batch, lengths, micro, world)
+    assert sorted(out) == sorted(batch)
+    micro_batches = [out[i:i + micro] for i in range(0, g, micro)]
+    by_length = sorted(batch, key=lambda i: lengths[i])
+    runs = [by_length[i:i + micro] for i in range(0, g, micro)]
+    assert sorted(map(sorted, micro_batches)) == sorted(map(sorted, runs))
+    for r in range(world):
+        mine = my_micro_batches(out, micro, r, world)
+        assert len(mine) == k
+        # the r-th process takes one micro-batch of each row of P sorted runs
+        assert sorted(runs.index(mb) // world for _, mb in mine) == list(range(k))
+    if world == 1:
+        assert [lengths[i] for i in out] == sorted(lengths)
+
+
+def test_sorted_micro_batches_deal_the_rows_in_snake_order():
+    lengths = tuple(range(8))  # example i has length i
+    assert sort_for_micro_batches([5, 3, 7, 1, 0, 6, 2, 4], lengths, 2, 2) == [0, 1, 2, 3, 6, 7, 4, 5]
+    # process 0 gets the shortest and the longest run, process 1 the two middle ones
+    assert [mb for _, mb in my_micro_batches([0, 1, 2, 3, 6, 7, 4, 5], 2, 0, 2)] == [[0, 1], [6, 7]]
+
+
 def test_schedule_warms_up_then_decays_to_the_floor():
     cfg = KavaConfig().override(["train.warmup_ratio=0.2", "train.min_lr_ratio=0.1", "train.lr=1.0"])
     p = torch.nn.Parameter(torch.zeros(1))
@@ -939,6 +970,45 @@ def test_gradient_accumulation_equals_the_full_batch(case, tiny_llama_dir, data,
     assert g4.keys() == g2.keys() and any(g.abs().max() > 1e-3 for g in g4.values())
     for k in g4:
         torch.testing.assert_close(g2[k], g4[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_sorted_micro_batches_give_the_full_batch_gradient_with_less_padding(tiny_llama_dir, data, tmp_path,
+                                                                             monkeypatch):
+    """train.sort_micro_batches with micro-batches of 2 gives the loss and gradient of one micro-batch of 4 (the
+    std normalisers off, as in the distinct case above), and its micro-batches are the sorted batch's halves,
+    which the unsorted order's are not."""
+    import kava.train as kt
+
+    monkeypatch.setattr(kt, "build_optimizer", lambda cfg, model: torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=1.0))
+    collated = []
+    real = kt.batches_from_segments
+    monkeypatch.setattr(kt, "batches_from_segments",
+                        lambda segs, *a: collated.append([s.teacher_len for s in segs]) or real(segs, *a))
+    rows = [example_row(i) for i in (0, 1, 2, 10)]
+    rows[1]["steps"] = rows[1]["steps"][:1]
+    rows[3]["question"] = "Yesterday, in the big shop at the corner, " + rows[3]["question"]
+    train = write_rows(tmp_path / "train.jsonl", rows)
+    common = {"train.max_steps": 1, "train.global_batch_size": 4, "train.grad_clip": 0.0, "lora.dropout": 0.0,
+              "eviction.method": "rkv", "latent.num_tokens": 28, "loss.alpha_codi": 0.0,
+              "loss.kv_layerwise_std": False, "data.train_path": str(train),
+              "train.seed": 1}  # seed 1's batch order pairs a short example with a long one
+    runs = {}
+    for name, sets in (("full", {"train.micro_batch_size": 4}), ("plain", {"train.micro_batch_size": 2}),
+                       ("sorted", {"train.micro_batch_size": 2, "train.sort_micro_batches": True})):
+        collated.clear()
+        runs[name] = one_sgd_step_gradients(make_cfg(tiny_llama_dir, data, **common, **sets), tmp_path / name)
+        runs[name] += (list(collated),)
+    (g4, loss4, full), (_, _, plain), (gs, loss_s, sorted_) = runs["full"], runs["plain"], runs["sorted"]
+    lengths = sorted(full[0])
+    assert len(set(lengths)) == 4
+    assert sorted_ == [lengths[:2], lengths[2:]]
+    assert plain != sorted_ and sorted(map(sorted, plain)) != [lengths[:2], lengths[2:]]  # the flag is what sorts
+    padded = {k: sum(len(mb) * max(mb) for mb in v) for k, v in (("plain", plain), ("sorted", sorted_))}
+    assert padded["sorted"] < padded["plain"]
+    assert loss_s == pytest.approx(loss4, rel=1e-6, abs=1e-6)
+    for k in g4:
+        torch.testing.assert_close(gs[k], g4[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 @pytest.mark.parametrize("method", ["kava", "pccot"])
