@@ -260,6 +260,11 @@ def check_trained_configs(jobs: list[Job], ignore: tuple[str, ...] = ()) -> None
                                   f"(differs in {', '.join(keys)}); use another --output or delete {j.run_dir}")
 
 
+def started(run_dir: Path) -> bool:
+    """Trained, or a checkpoint written (complete or not: this only orders the runs)."""
+    return (run_dir / "DONE").exists() or any((run_dir / "checkpoints").glob("step-*"))
+
+
 def held_out_path(spec: SweepSpec, seed_dir: Path, split: str) -> Path:
     if spec.task is not None:
         return seed_dir / "data" / f"{split}.jsonl"
@@ -389,10 +394,12 @@ def run_sweep(spec: SweepSpec, out: Path, workers: int = 1, threads: int = 1, sp
     # With a synthetic task the model and data paths are the sweep's own per-seed files (a moved copy differs).
     check_trained_configs(jobs, ignore=("model.name_or_path", "data.train_path") if spec.task else ())
     warm_jobs = {(j.seed, j.name): j for j in jobs if j.kind == "warm"}
-    # Variant by variant (all seeds of the first, then the next): a sweep stopped early has whole variants.
+    # Runs already started (a checkpoint on disk, or trained and not scored) first, so that a sweep resumed under a
+    # grown spec finishes them before the new seeds; then variant by variant (all seeds of the first, then the
+    # next): a sweep stopped early has whole variants.
     order = list(spec.variants)
     todo = sorted((j for j in jobs if j.kind == "run" and not (j.run_dir / f"result_{split}.json").exists()),
-                  key=lambda j: (order.index(j.name), spec.seeds.index(j.seed)))
+                  key=lambda j: (not started(j.run_dir), order.index(j.name), spec.seeds.index(j.seed)))
     left_out: list[str] = []
     if not train:
         untrained = [j for j in todo if not (j.run_dir / "DONE").exists()]

@@ -527,6 +527,26 @@ def test_runs_start_in_variant_order_even_when_the_first_waits_for_its_warm_star
     assert (warm / "checkpoints").stat().st_mtime_ns < done[0] < done[1] < done[2]
 
 
+def test_runs_already_started_go_first_when_the_sweep_resumes(tmp_path):
+    """One worker: nocot, the last variant, has a checkpoint from an earlier call (as after a spec grew): it
+    resumes and finishes before kava and pccot, which then run in the spec's order."""
+    from kava.train import run_training
+
+    spec_path = write_spec(tmp_path / "spec.yaml", seeds=[0], variants={
+        "kava": [], "pccot": ["method=pccot"], "nocot": ["method=nocot", "train.curriculum_cot_steps=0"]})
+    out = tmp_path / "out"
+    spec = sweep.SweepSpec.from_yaml(spec_path)
+    (nocot,) = [j for j in sweep.plan(spec, out) if j.name == "nocot"]
+    run_training(KavaConfig.from_dict(nocot.config), nocot.run_dir, stop_after_steps=1)
+    assert sweep.started(nocot.run_dir) and not (nocot.run_dir / "DONE").exists()
+    assert sweep.main([str(spec_path), "--output", str(out), "--workers", "1"]) == 0
+    done = [(out / "seed0" / name / "DONE").stat().st_mtime_ns for name in ("nocot", "kava", "pccot")]
+    assert done == sorted(done)
+    steps = [json.loads(line)["step"] for line in (nocot.run_dir / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps[0] == 1 and steps == sorted(set(steps))  # one run, resumed: no step trained twice
+
+
 @pytest.mark.parametrize("path", sorted((Path(sweep.__file__).parent / "presets" / "sweeps").glob("*.yaml")),
                          ids=lambda p: p.stem)
 def test_every_packaged_spec_resolves_every_variant(path):
