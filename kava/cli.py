@@ -1,7 +1,7 @@
-"""Command-line interface: ``kava train | eval | generate | analyze | export | demo``.
+"""Command-line interface: ``kava train | eval | generate | analyze | compare | export | demo``.
 
 A thin argparse layer over :mod:`kava.train`, :mod:`kava.evaluate`,
-:mod:`kava.analyze` and :mod:`kava.demo`. User errors (bad config, bad data,
+:mod:`kava.analyze`, :mod:`kava.compare` and :mod:`kava.demo`. User errors (bad config, bad data,
 missing checkpoint) print one line ``kava: error: <message>`` and exit 2.
 """
 from __future__ import annotations
@@ -125,6 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--limit", type=_positive_int, default=32, metavar="N", help="number of examples (default: 32)")
     a.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="tokens kept per latent (default: 5)")
 
+    # ---- compare -----------------------------------------------------------
+    c = sub.add_parser(
+        "compare",
+        help="paired comparison of prediction files: A - B on the same questions, 95% CI and McNemar p",
+        description="Paired comparison of the predictions files of kava eval or kava sweep (two models, or two "
+                    "modes of one model, on the same questions): accuracy of each, A - B with a paired-bootstrap "
+                    "95%% CI over the questions and the exact McNemar p, per pair of files and, with one pair per "
+                    "seed, pooled over the pairs.",
+    )
+    c.add_argument("--a", nargs="+", required=True, metavar="FILE", help="predictions of A (one file per seed)")
+    c.add_argument("--b", nargs="+", required=True, metavar="FILE", help="predictions of B, in the same seed order")
+    c.add_argument("--output", metavar="FILE", help="also write the result as JSON")
+
     # ---- export ------------------------------------------------------------
     x = sub.add_parser(
         "export",
@@ -231,6 +244,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    import json
+
+    from kava.compare import compare_files, format_markdown
+
+    result = compare_files(args.a, args.b)
+    print(format_markdown(result), end="")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=1))
+        print(f"written to {args.output}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from kava.analyze import decode_latents
     from kava.answers import format_number
@@ -287,7 +314,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "analyze": cmd_analyze,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "analyze": cmd_analyze, "compare": cmd_compare,
             "export": cmd_export}
 
 
