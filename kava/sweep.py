@@ -367,12 +367,13 @@ def run_job(job: Job, warm_checkpoint: Optional[Path], split: str, held_out: Pat
 
 
 def run_sweep(spec: SweepSpec, out: Path, workers: int = 1, threads: int = 1, split: str = "valid",
-              train: bool = True, partial: bool = False) -> dict:
+              train: bool = True, partial: bool = False, seeds: Optional[list[int]] = None) -> dict:
     """Run (or continue) every job, then write the report for ``split``; returns the report dict.
 
     ``train=False`` only scores and reports runs that are already trained (e.g. the test split, once).
     ``partial`` (with ``train=False``): report the variants trained at every seed and leave out the others
     (a look at a long sweep before it ends); the reference must be trained.
+    ``seeds`` (with ``train=False``): report only these of the spec's seeds (e.g. the seeds already finished).
     """
     if split not in SPLITS:
         raise ConfigError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
@@ -390,6 +391,14 @@ def run_sweep(spec: SweepSpec, out: Path, workers: int = 1, threads: int = 1, sp
         log.info("sweep %s: the spec adds variants or seeds; the finished runs are kept", out)
     if before != now:
         saved.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    if seeds is not None:
+        if train:
+            raise ConfigError("seeds: only for a report of trained runs (--no-train)")
+        unknown = [x for x in seeds if x not in spec.seeds]
+        if unknown or not seeds:
+            raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: expected some of the spec's seeds "
+                              f"{', '.join(map(str, spec.seeds))}")
+        spec = replace(spec, seeds=[x for x in spec.seeds if x in seeds])
     jobs = plan(spec, out)
     # With a synthetic task the model and data paths are the sweep's own per-seed files (a moved copy differs).
     check_trained_configs(jobs, ignore=("model.name_or_path", "data.train_path") if spec.task else ())
@@ -682,15 +691,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-train", action="store_true", help="only score runs that are already trained")
     p.add_argument("--partial", action="store_true",
                    help="with --no-train: report the variants trained at every seed, leave out the others")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="N",
+                   help="with --no-train: report only these of the spec's seeds (e.g. those already trained)")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f"--workers: must be >= 1, got {args.workers}")
     if args.partial and not args.no_train:
         p.error("--partial: only with --no-train (a training sweep reports when every run is done)")
+    if args.seeds and not args.no_train:
+        p.error("--seeds: only with --no-train (a training sweep trains every seed of its spec)")
     spec = SweepSpec.from_yaml(resolve_spec(args.spec))
     try:
         run_sweep(spec, Path(args.output), workers=args.workers, threads=args.threads, split=args.split,
-                  train=not args.no_train, partial=args.partial)
+                  train=not args.no_train, partial=args.partial, seeds=args.seeds)
     except SweepError as e:
         print(f"kava sweep: {e}", file=sys.stderr)
         return 1

@@ -575,3 +575,31 @@ def test_partial_report_leaves_out_unfinished_variants(swept, tmp_path, capsys):
         (copy / f"seed{SEEDS[0]}" / "kava" / f).unlink(missing_ok=True)
     assert main(["sweep", str(spec), "--output", str(copy), "--no-train", "--partial"]) == 2
     assert "the reference 'kava' is not trained yet" in capsys.readouterr().err
+
+
+def test_a_report_of_some_seeds_leaves_the_unfinished_seeds_out(swept, tmp_path, capsys):
+    """--no-train --seeds 0: the report of seed 0 alone, while the other seed is not trained; the saved spec keeps
+    every seed, and training with --seeds, or naming a seed the spec lacks, is refused."""
+    from kava.cli import main
+
+    spec, out = swept
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*_test*", "report_*"))
+    for name in ("kava", "pccot"):
+        for f in ("DONE", "result_valid.json"):
+            (copy / f"seed{SEEDS[-1]}" / name / f).unlink()
+    assert main(["sweep", str(spec), "--output", str(copy), "--no-train"]) == 2
+    capsys.readouterr()
+    assert sweep.main([str(spec), "--output", str(copy), "--no-train", "--seeds", str(SEEDS[0])]) == 0
+    report = json.loads((copy / "report_valid.json").read_text())
+    assert report["seeds"] == [SEEDS[0]] and set(report["variants"]) == {"kava", "pccot"}
+    full = json.loads((out / "report_valid.json").read_text())
+    for name in ("kava", "pccot"):
+        assert report["variants"][name]["per_seed"][str(SEEDS[0])]["accuracy"] == \
+            full["variants"][name]["per_seed"][str(SEEDS[0])]["accuracy"]
+    assert yaml.safe_load((copy / "spec.yaml").read_text())["seeds"] == SEEDS
+    assert not (copy / f"seed{SEEDS[-1]}" / "pccot" / "DONE").exists()  # nothing trained
+    assert main(["sweep", str(spec), "--output", str(copy), "--no-train", "--seeds", "7"]) == 2
+    assert "expected some of the spec's seeds" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep.main([str(spec), "--output", str(copy), "--seeds", str(SEEDS[0])])
