@@ -377,6 +377,9 @@ def run_sweep(spec: SweepSpec, out: Path, workers: int = 1, threads: int = 1, sp
     """
     if split not in SPLITS:
         raise ConfigError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+    if seeds is not None and (train or not seeds or set(seeds) - set(spec.seeds)):
+        raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: expected some of the spec's seeds "
+                          f"{', '.join(map(str, spec.seeds))}, with --no-train")
     for seed in spec.seeds:  # a bad override fails here, before the directory is claimed by this spec
         for name in spec.variants:
             variant_config(spec, name, seed)
@@ -391,13 +394,7 @@ def run_sweep(spec: SweepSpec, out: Path, workers: int = 1, threads: int = 1, sp
         log.info("sweep %s: the spec adds variants or seeds; the finished runs are kept", out)
     if before != now:
         saved.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    if seeds is not None:
-        if train:
-            raise ConfigError("seeds: only for a report of trained runs (--no-train)")
-        unknown = [x for x in seeds if x not in spec.seeds]
-        if unknown or not seeds:
-            raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: expected some of the spec's seeds "
-                              f"{', '.join(map(str, spec.seeds))}")
+    if seeds is not None:  # checked above, before anything was written
         spec = replace(spec, seeds=[x for x in spec.seeds if x in seeds])
     jobs = plan(spec, out)
     # With a synthetic task the model and data paths are the sweep's own per-seed files (a moved copy differs).
