@@ -293,16 +293,22 @@ def warm_done(job: Job) -> Optional[Path]:
 
 
 def run_warm(job: Job) -> str:
-    """The teacher-only curriculum steps of a group, trained once (an interrupted one starts again)."""
+    """The teacher-only curriculum steps of a group, trained once (an interrupted one resumes from its checkpoint)."""
     from kava.checkpoint import latest_checkpoint
     from kava.train import run_training
 
     if warm_done(job) is not None:
         return job.name
-    if latest_checkpoint(job.run_dir) is not None or job.run_dir.exists():
-        shutil.rmtree(job.run_dir)
     cfg = KavaConfig.from_dict(job.config)
-    run_training(cfg, job.run_dir, stop_after_steps=cfg.train.curriculum_cot_steps)
+    steps = cfg.train.curriculum_cot_steps
+    last = latest_checkpoint(job.run_dir)
+    reached = int(last.name.removeprefix("step-")) if last is not None else 0
+    if last is not None and reached < steps:
+        run_training(cfg, job.run_dir, resume=last, stop_after_steps=steps - reached)  # bit-exact resume
+        return job.name
+    if job.run_dir.exists():  # nothing to resume from (or past the curriculum: another config wrote it)
+        shutil.rmtree(job.run_dir)
+    run_training(cfg, job.run_dir, stop_after_steps=steps)
     return job.name
 
 

@@ -3,6 +3,7 @@ training from scratch, the test split without retraining, spec errors, warm-star
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import shutil
 from pathlib import Path
 
@@ -395,6 +396,31 @@ def test_a_corrected_spec_may_reuse_the_output_dir_of_a_rejected_one(tmp_path, c
 
 
 # ---- warm-start grouping -------------------------------------------------------------------------------
+
+def test_an_interrupted_warm_start_resumes_to_the_same_weights(swept, tmp_path, monkeypatch):
+    """A warm start killed after its first step (a checkpoint on disk) resumes from it, bit for bit, instead of
+    starting again."""
+    import kava.train
+    from kava.train import run_training
+
+    spec, out = swept
+    (warm,) = [j for j in sweep.plan(sweep.SweepSpec.from_yaml(spec), out) if j.kind == "warm" and j.seed == 0]
+    done = sweep.warm_done(warm)
+    assert done is not None and WARM_STEPS >= 2
+    copy = replace(warm, run_dir=tmp_path / warm.name)
+    run_training(KavaConfig.from_dict(warm.config), copy.run_dir, stop_after_steps=1)
+    assert sweep.warm_done(copy) is None
+    calls = []
+    monkeypatch.setattr(kava.train, "run_training", lambda *a, **k: calls.append(k) or run_training(*a, **k))
+    assert sweep.run_warm(copy) == warm.name
+    assert [(c.get("resume") is not None, c["stop_after_steps"]) for c in calls] == [(True, WARM_STEPS - 1)]
+    resumed = sweep.warm_done(copy)
+    assert resumed is not None and resumed.name == done.name
+    steps = [json.loads(x)["step"] for x in (copy.run_dir / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == list(range(1, WARM_STEPS + 1))  # step 1 was not trained again
+    assert_same_tensors(weights(resumed), weights(done))
+
 
 def test_warm_key_groups_variants_that_share_the_teacher_only_steps():
     variants = {
