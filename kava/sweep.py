@@ -578,6 +578,16 @@ def format_report(spec: SweepSpec, report: dict, split: str) -> str:
              for m, a in v["per_seed"][s]["other_modes"].items()]
     if other:
         lines += ["", "Other modes: " + "; ".join(f"{n} seed {s} {m} {_pct(a)}" for n, s, m, a in other) + "."]
+    vs = [(name, m, d) for name, v in report["variants"].items() for m, d in v.get("vs_modes", {}).items()]
+    if vs:
+        lines += ["", "Each variant's primary mode against its other modes, paired on the same questions (against "
+                  "`direct`: what the latent positions add to the same model's answer):", "",
+                  "| variant | primary − mode | " + " | ".join(f"Δ seed {s} [CI] p" for s in spec.seeds)
+                  + " | Δ pooled [95% CI] |", "|---|---|" + "---|" * len(spec.seeds) + "---|"]
+        for name, m, d in vs:
+            lines.append(f"| {name} | − {m} | " + " | ".join(_delta_cell(d["per_seed"][s]) for s in spec.seeds)
+                         + f" | **{100 * d['pooled_diff']:+.1f}** [{100 * d['pooled_diff_ci95'][0]:+.1f}, "
+                         f"{100 * d['pooled_diff_ci95'][1]:+.1f}] |")
     lines += ["", "Last logged training metrics, mean over seeds (the KV loss is logged for every latent method, "
               "trained or not):", "", "| variant | " + " | ".join(TRAIN_METRICS) + " |",
               "|---" * (1 + len(TRAIN_METRICS)) + "|"]
@@ -668,6 +678,17 @@ def write_report(spec: SweepSpec, out: Path, split: str, runs: list[Job], left_o
         results[(j.name, j.seed)] = r
         outcomes[(j.name, j.seed)] = _outcomes(j.run_dir, split, r["primary_mode"])
     report = compare(spec, results, outcomes)
+    for name, v in report["variants"].items():
+        # The primary mode against each other mode scored at every seed (``extra_modes``), paired: with ``direct``
+        # that is what the latent positions add to the same model's answer.
+        runs_of = [j for j in runs if j.name == name]
+        modes = set.intersection(*(set(results[(j.name, j.seed)]["modes"]) for j in runs_of)) - {
+            results[(runs_of[0].name, runs_of[0].seed)]["primary_mode"]}
+        v["vs_modes"] = {}
+        for mode in sorted(modes):
+            per = {(k, j.seed): _outcomes(j.run_dir, split, results[(j.name, j.seed)]["primary_mode"] if k == "primary" else mode)
+                   for j in runs_of for k in ("primary", mode)}
+            v["vs_modes"][mode] = paired_difference(spec, "primary", mode, per)
     report["split"] = split
     report["left_out"] = list(left_out)
     for j in runs:

@@ -629,3 +629,36 @@ def test_a_report_of_some_seeds_leaves_the_unfinished_seeds_out(swept, tmp_path,
     assert "expected some of the spec's seeds" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sweep.main([str(spec), "--output", str(copy), "--seeds", str(SEEDS[0])])
+
+
+def test_the_report_pairs_the_primary_mode_with_every_other_mode(swept, tmp_path):
+    """A sweep scored in a second mode (spec extra_modes, e.g. direct) reports primary − that mode per variant,
+    paired per seed and pooled, as kava.stats computes it from the two prediction files."""
+    spec, out = swept
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*_test*", "report_*"))
+    for seed in SEEDS:
+        for name in VARIANTS:
+            run = copy / f"seed{seed}" / name
+            rows = read_jsonl(run / "predictions_valid_latent.jsonl")
+            direct = [{**r, "correct": (i + seed) % 3 == 0} for i, r in enumerate(rows)]  # a made-up second mode
+            (run / "predictions_valid_direct.jsonl").write_text("".join(json.dumps(r) + "\n" for r in direct))
+            result = json.loads((run / "result_valid.json").read_text())
+            result["modes"]["direct"] = {**result["modes"]["latent"],
+                                         "accuracy": sum(r["correct"] for r in direct) / len(direct)}
+            (run / "result_valid.json").write_text(json.dumps(result))
+    assert sweep.main([str(spec), "--output", str(copy), "--no-train"]) == 0
+    report = json.loads((copy / "report_valid.json").read_text())
+    for name in VARIANTS:
+        got = report["variants"][name]["vs_modes"]["direct"]
+        pairs = []
+        for seed in SEEDS:
+            run = copy / f"seed{seed}" / name
+            direct = sorted(read_jsonl(run / "predictions_valid_direct.jsonl"), key=lambda r: r["index"])
+            a, b = outcomes(run, "valid"), [r["correct"] for r in direct]
+            d, lo, hi = paired_bootstrap_ci([(a, b)], seed=seed)
+            assert got["per_seed"][str(seed)] == {"diff": d, "diff_ci95": [lo, hi], "mcnemar_p": mcnemar_exact(a, b)}
+            pairs.append((a, b))
+        d, lo, hi = paired_bootstrap_ci(pairs)
+        assert (got["pooled_diff"], got["pooled_diff_ci95"]) == (d, [lo, hi])
+    assert "| kava | − direct |" in (copy / "report_valid.md").read_text()
