@@ -16,9 +16,15 @@ def test_demo_quick_end_to_end(tmp_path):
                "--set", "train.global_batch_size=8", "--set", "train.micro_batch_size=4", "--set", "eval.max_cot_tokens=8"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
-    for key in ("latent", "cot"):
+    for key in ("latent", "cot", "direct"):
         assert report["kava"][key]["n"] == 8
     assert report["nocot"]["direct"]["n"] == 8
+    # What the latents add: the KaVa model's latent answers paired with its own direct answers.
+    latent_ok, direct_ok = ([json.loads(x)["correct"] for x in (out / "kava" / f"predictions_{m}.jsonl").read_text().splitlines()]
+                            for m in ("latent", "direct"))
+    added = report["latent_minus_direct"]
+    assert added["diff"] == pytest.approx((sum(latent_ok) - sum(direct_ok)) / 8)
+    assert added["diff_ci95"][0] <= added["diff"] <= added["diff_ci95"][1] and 0 <= added["mcnemar_p"] <= 1
     # Latent mode costs 1 + T + answer tokens; the report must say so for every question.
     preds = [json.loads(x) for x in (out / "kava" / "predictions_latent.jsonl").read_text().splitlines()]
     assert all(p["forward_passes"] == 1 + 3 + p["tokens"] for p in preds)
@@ -30,7 +36,7 @@ def test_demo_quick_end_to_end(tmp_path):
         assert acc == sum(rows) / len(rows)
     assert sum(len([t for t in test if len(t["steps"]) == int(n)]) for n in by) == len(test)
     md = (out / "report.md").read_text()
-    assert "KaVa student (latent)" in md and "No-CoT" in md and "95% CI" in md
+    assert "KaVa student (latent)" in md and "No-CoT" in md and "95% CI" in md and "What the latents add" in md
     assert (out / "training_curves.png").stat().st_size > 1000
     # Train and test questions are disjoint.
     train = {json.loads(x)["question"] for x in (out / "data" / "train.jsonl").read_text().splitlines()}
