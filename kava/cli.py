@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- compare -----------------------------------------------------------
     c = sub.add_parser(
         "compare",
-        help="paired comparison of prediction files: A - B on the same questions, 95% CI and McNemar p",
+        help="paired comparison of prediction files: A - B on the same questions, 95%% CI and McNemar p",
         description="Paired comparison of the predictions files of kava eval or kava sweep (two models, or two "
                     "modes of one model, on the same questions): accuracy of each, A - B with a paired-bootstrap "
                     "95%% CI over the questions and the exact McNemar p, per pair of files and, with one pair per "
