@@ -337,6 +337,19 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def step_dirs(output_dir: str | Path) -> list[Path]:
+    """The ``step-N`` checkpoint directories of a run (complete or not), newest first."""
+    return [p for _, p in _step_dirs(Path(output_dir) / CHECKPOINTS)]
+
+
+def step_of(checkpoint: str | Path) -> int:
+    """N of a ``step-N`` checkpoint directory."""
+    m = _STEP_DIR.match(Path(checkpoint).name)
+    if m is None:
+        raise CheckpointError(f"{checkpoint}: not a step-N checkpoint directory")
+    return int(m.group(1))
+
+
 def _rotate(root: Path, keep_last: int, keep: Path) -> None:
     complete = [p for _, p in _step_dirs(root) if (p / MARKER).is_file()]
     for p in complete[keep_last:]:

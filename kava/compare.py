@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from kava.config import ConfigError
 from kava.data.formats import DataError
-from kava.stats import mcnemar_exact, paired_bootstrap_ci
+from kava.stats import paired_bootstrap_ci, paired_summary
 
 
 def read_outcomes(path: str | Path) -> tuple[list[str], list[bool]]:
@@ -54,10 +54,8 @@ def compare_files(a_files: Sequence[str | Path], b_files: Sequence[str | Path]) 
             if x != y:
                 raise DataError(f"{a} and {b}: question {i} differs ({x[:60]!r} against {y[:60]!r}); "
                                 "a paired comparison needs the same questions")
-        diff, lo, hi = paired_bootstrap_ci([(oa, ob)])
         per_pair.append({"a": str(a), "b": str(b), "n": len(oa), "accuracy_a": sum(oa) / len(oa),
-                         "accuracy_b": sum(ob) / len(ob), "diff": diff, "diff_ci95": [lo, hi],
-                         "mcnemar_p": mcnemar_exact(oa, ob)})
+                         "accuracy_b": sum(ob) / len(ob), **paired_summary(oa, ob)})
         pairs.append((oa, ob))
     diff, lo, hi = paired_bootstrap_ci(pairs)
     return {"pairs": per_pair, "pooled_diff": diff, "pooled_diff_ci95": [lo, hi]}

@@ -56,3 +56,9 @@ def paired_bootstrap_ci(pairs: Sequence[tuple[Sequence[bool], Sequence[bool]]], 
     boot /= len(diffs)
     lo, hi = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
     return point, float(lo), float(hi)
+
+
+def paired_summary(a: Sequence[bool], b: Sequence[bool], seed: int = 0) -> dict:
+    """One seed's a - b on the same questions: the difference, its paired-bootstrap 95% CI, the exact McNemar p."""
+    d, lo, hi = paired_bootstrap_ci([(a, b)], seed=seed)
+    return {"diff": d, "diff_ci95": [lo, hi], "mcnemar_p": mcnemar_exact(a, b)}

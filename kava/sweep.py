@@ -262,7 +262,9 @@ def check_trained_configs(jobs: list[Job], ignore: tuple[str, ...] = ()) -> None
 
 def started(run_dir: Path) -> bool:
     """Trained, or a checkpoint written (complete or not: this only orders the runs)."""
-    return (run_dir / "DONE").exists() or any((run_dir / "checkpoints").glob("step-*"))
+    from kava.checkpoint import step_dirs
+
+    return (run_dir / "DONE").exists() or bool(step_dirs(run_dir))
 
 
 def held_out_path(spec: SweepSpec, seed_dir: Path, split: str) -> Path:
@@ -294,7 +296,7 @@ def warm_done(job: Job) -> Optional[Path]:
 
 def run_warm(job: Job) -> str:
     """The teacher-only curriculum steps of a group, trained once (an interrupted one resumes from its checkpoint)."""
-    from kava.checkpoint import latest_checkpoint
+    from kava.checkpoint import latest_checkpoint, step_of
     from kava.train import run_training
 
     if warm_done(job) is not None:
@@ -302,7 +304,7 @@ def run_warm(job: Job) -> str:
     cfg = KavaConfig.from_dict(job.config)
     steps = cfg.train.curriculum_cot_steps
     last = latest_checkpoint(job.run_dir)
-    reached = int(last.name.removeprefix("step-")) if last is not None else 0
+    reached = step_of(last) if last is not None else 0
     if last is not None and reached < steps:
         run_training(cfg, job.run_dir, resume=last, stop_after_steps=steps - reached)  # bit-exact resume
         return job.name
@@ -526,13 +528,9 @@ def compare(spec: SweepSpec, results: dict[tuple[str, int], dict], outcomes: dic
 
 def paired_difference(spec: SweepSpec, a: str, b: str, outcomes: dict[tuple[str, int], list[bool]]) -> dict:
     """``a`` - ``b`` on the same questions: per seed (bootstrap CI, McNemar p) and pooled over the seeds."""
-    from kava.stats import mcnemar_exact, paired_bootstrap_ci
+    from kava.stats import paired_bootstrap_ci, paired_summary
 
-    per_seed = {}
-    for seed in spec.seeds:
-        x, y = outcomes[(a, seed)], outcomes[(b, seed)]
-        d, lo, hi = paired_bootstrap_ci([(x, y)], seed=seed)
-        per_seed[seed] = {"diff": d, "diff_ci95": [lo, hi], "mcnemar_p": mcnemar_exact(x, y)}
+    per_seed = {seed: paired_summary(outcomes[(a, seed)], outcomes[(b, seed)], seed=seed) for seed in spec.seeds}
     d, lo, hi = paired_bootstrap_ci([(outcomes[(a, s)], outcomes[(b, s)]) for s in spec.seeds])
     return {"a": a, "b": b, "per_seed": per_seed, "pooled_diff": d, "pooled_diff_ci95": [lo, hi]}
 
@@ -682,12 +680,12 @@ def write_report(spec: SweepSpec, out: Path, split: str, runs: list[Job], left_o
         # The primary mode against each other mode scored at every seed (``extra_modes``), paired: with ``direct``
         # that is what the latent positions add to the same model's answer.
         runs_of = [j for j in runs if j.name == name]
-        modes = set.intersection(*(set(results[(j.name, j.seed)]["modes"]) for j in runs_of)) - {
-            results[(runs_of[0].name, runs_of[0].seed)]["primary_mode"]}
+        primary = results[(name, runs_of[0].seed)]["primary_mode"]
+        modes = set.intersection(*(set(results[(name, j.seed)]["modes"]) for j in runs_of)) - {primary}
         v["vs_modes"] = {}
         for mode in sorted(modes):
-            per = {(k, j.seed): _outcomes(j.run_dir, split, results[(j.name, j.seed)]["primary_mode"] if k == "primary" else mode)
-                   for j in runs_of for k in ("primary", mode)}
+            per = {("primary", j.seed): outcomes[(name, j.seed)] for j in runs_of}
+            per.update({(mode, j.seed): _outcomes(j.run_dir, split, mode) for j in runs_of})
             v["vs_modes"][mode] = paired_difference(spec, "primary", mode, per)
     report["split"] = split
     report["left_out"] = list(left_out)
