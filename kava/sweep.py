@@ -21,7 +21,8 @@ Layout of ``--output DIR``: ``seed{S}/`` holds the task (``data/``, ``base_model
 (``warm_*``) and one run directory per variant with its resolved ``config.yaml``, ``metrics.jsonl``, its
 checkpoints and, per split, ``result_{split}.json`` and ``predictions_{split}_{mode}.jsonl``. A run whose
 result file exists is skipped; an interrupted run resumes from its last checkpoint, so a killed sweep
-continues where it stopped. ``report.md``, ``report.json`` and ``report.png`` (per split) compare every
+continues where it stopped. ``--seeds`` and ``--variants`` select the runs a call trains and reports (the
+reference is always selected). ``report.md``, ``report.json`` and ``report.png`` (per split) compare every
 variant with the reference: accuracy per seed, mean and spread, the paired bootstrap CI per seed and pooled
 over seeds, and the exact McNemar p per seed (kava.stats).
 
@@ -375,19 +376,25 @@ def run_job(job: Job, warm_checkpoint: Optional[Path], split: str, held_out: Pat
 
 
 def run_sweep(spec: SweepSpec, out: Path, workers: int = 1, threads: int = 1, split: str = "valid",
-              train: bool = True, partial: bool = False, seeds: Optional[list[int]] = None) -> dict:
+              train: bool = True, partial: bool = False, seeds: Optional[list[int]] = None,
+              variants: Optional[list[str]] = None) -> dict:
     """Run (or continue) every job, then write the report for ``split``; returns the report dict.
 
     ``train=False`` only scores and reports runs that are already trained (e.g. the test split, once).
     ``partial`` (with ``train=False``): report the variants trained at every seed and leave out the others
     (a look at a long sweep before it ends); the reference must be trained.
-    ``seeds`` (with ``train=False``): report only these of the spec's seeds (e.g. the seeds already finished).
+    ``seeds`` / ``variants``: train and report only these of the spec's seeds and variants (the reference is always
+    kept, for the paired differences), e.g. the runs that decide a question first; the saved spec keeps all of
+    them, and the same call without a selection trains the rest.
     """
     if split not in SPLITS:
         raise ConfigError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
-    if seeds is not None and (train or not seeds or set(seeds) - set(spec.seeds)):
+    if seeds is not None and (not seeds or set(seeds) - set(spec.seeds)):
         raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: expected some of the spec's seeds "
-                          f"{', '.join(map(str, spec.seeds))}, with --no-train")
+                          f"{', '.join(map(str, spec.seeds))}")
+    if variants is not None and (not variants or set(variants) - set(spec.variants)):
+        raise ConfigError(f"--variants {' '.join(variants)}: expected some of the spec's variants "
+                          f"{', '.join(spec.variants)}")
     for seed in spec.seeds:  # a bad override fails here, before the directory is claimed by this spec
         for name in spec.variants:
             variant_config(spec, name, seed)
@@ -404,6 +411,10 @@ def run_sweep(spec: SweepSpec, out: Path, workers: int = 1, threads: int = 1, sp
         saved.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     if seeds is not None:  # checked above, before anything was written
         spec = replace(spec, seeds=[x for x in spec.seeds if x in seeds])
+    if variants is not None:
+        kept = {spec.reference, *variants}
+        spec = replace(spec, variants={n: v for n, v in spec.variants.items() if n in kept},
+                       pairs=[p for p in spec.pairs if set(p) <= kept])
     jobs = plan(spec, out)
     # With a synthetic task the model and data paths are the sweep's own per-seed files (a moved copy differs).
     check_trained_configs(jobs, ignore=("model.name_or_path", "data.train_path") if spec.task else ())
@@ -714,18 +725,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partial", action="store_true",
                    help="with --no-train: report the variants trained at every seed, leave out the others")
     p.add_argument("--seeds", type=int, nargs="+", metavar="N",
-                   help="with --no-train: report only these of the spec's seeds (e.g. those already trained)")
+                   help="train and report only these of the spec's seeds (the rest later, by the same command "
+                        "without --seeds)")
+    p.add_argument("--variants", nargs="+", metavar="NAME",
+                   help="train and report only these of the spec's variants, and the reference")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f"--workers: must be >= 1, got {args.workers}")
     if args.partial and not args.no_train:
         p.error("--partial: only with --no-train (a training sweep reports when every run is done)")
-    if args.seeds and not args.no_train:
-        p.error("--seeds: only with --no-train (a training sweep trains every seed of its spec)")
     spec = SweepSpec.from_yaml(resolve_spec(args.spec))
     try:
         run_sweep(spec, Path(args.output), workers=args.workers, threads=args.threads, split=args.split,
-                  train=not args.no_train, partial=args.partial, seeds=args.seeds)
+                  train=not args.no_train, partial=args.partial, seeds=args.seeds,
+                  variants=args.variants)
     except SweepError as e:
         print(f"kava sweep: {e}", file=sys.stderr)
         return 1

@@ -605,7 +605,7 @@ def test_partial_report_leaves_out_unfinished_variants(swept, tmp_path, capsys):
 
 def test_a_report_of_some_seeds_leaves_the_unfinished_seeds_out(swept, tmp_path, capsys):
     """--no-train --seeds 0: the report of seed 0 alone, while the other seed is not trained; the saved spec keeps
-    every seed, and training with --seeds, or naming a seed the spec lacks, is refused."""
+    every seed, and naming a seed the spec lacks is refused."""
     from kava.cli import main
 
     spec, out = swept
@@ -627,8 +627,32 @@ def test_a_report_of_some_seeds_leaves_the_unfinished_seeds_out(swept, tmp_path,
     assert not (copy / f"seed{SEEDS[-1]}" / "pccot" / "DONE").exists()  # nothing trained
     assert main(["sweep", str(spec), "--output", str(copy), "--no-train", "--seeds", "7"]) == 2
     assert "expected some of the spec's seeds" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        sweep.main([str(spec), "--output", str(copy), "--seeds", str(SEEDS[0])])
+
+
+def test_a_selection_of_seeds_and_variants_trains_only_those_runs_and_the_reference(swept, tmp_path, capsys):
+    """--seeds 1 --variants pccot under a grown spec: only seed 1's missing runs of pccot and the reference are
+    trained, the new variant waits, every other file is untouched, and the report covers the selection."""
+    from kava.cli import main
+
+    spec, out = swept
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*_test*", "report_*"))
+    for name in ("kava", "pccot"):
+        shutil.rmtree(copy / f"seed{SEEDS[-1]}" / name)
+    grown = write_spec(tmp_path / "grown.yaml", variants={**SPEC["variants"], "sum": ["loss.kv_reduction=sum"]},
+                       pairs=[["pccot", "kava"], ["sum", "pccot"]])
+    kept = snapshot(copy, skip=lambda rel: rel.startswith(("report_", "spec.yaml")))
+    assert sweep.main([str(grown), "--output", str(copy), "--seeds", str(SEEDS[-1]), "--variants", "pccot"]) == 0
+    for name in ("kava", "pccot"):
+        assert (copy / f"seed{SEEDS[-1]}" / name / "DONE").exists()
+    assert not any(copy.glob("seed*/sum"))
+    assert {k: v for k, v in snapshot(copy).items() if k in kept} == kept
+    report = json.loads((copy / "report_valid.json").read_text())
+    assert report["seeds"] == [SEEDS[-1]] and list(report["variants"]) == ["kava", "pccot"]
+    assert [(p["a"], p["b"]) for p in report["pairs"]] == [("pccot", "kava")]
+    assert yaml.safe_load((copy / "spec.yaml").read_text())["variants"] == {**SPEC["variants"], "sum": ["loss.kv_reduction=sum"]}
+    assert main(["sweep", str(grown), "--output", str(copy), "--variants", "typo"]) == 2
+    assert "expected some of the spec's variants kava, pccot, sum" in capsys.readouterr().err
 
 
 def test_the_report_pairs_the_primary_mode_with_every_other_mode(swept, tmp_path):
