@@ -5,6 +5,7 @@ each), the seeds, the budget and the reference variant::
 
     base: demo                 # a preset name or a config file
     task: small                # the synthetic demo task, drawn per seed (kava.demo.prepare_task)
+    style: equations           # its CoT steps: equations, or nl (sentences; the same questions)
     sizes: {n_test: 2000}      # kava.demo.DemoSizes fields
     budget: 2500               # train.max_steps of every run
     seeds: [0, 1, 2]
@@ -61,6 +62,9 @@ _LATENT_METHODS = ("kava", "pccot", "codi")
 # Keys added after sweeps were first written: left out of the warm key at their default, so that the warm starts
 # of an existing sweep directory keep their names.
 _WARM_KEY_NEWER = {"train.group_by_length": False, "train.sort_micro_batches": False}
+# Spec keys added after sweeps were first written: left out of the saved spec at their default, so that the spec.yaml
+# of an existing sweep directory still matches.
+_SPEC_KEY_NEWER = {"style": "equations"}
 
 
 class SweepError(RuntimeError):
@@ -75,6 +79,7 @@ class SweepSpec:
     reference: str
     budget: Optional[int] = None
     task: Optional[str] = None
+    style: str = "equations"  # the synthetic task's CoT steps: equations (<<12+7=19>>) or nl (sentences)
     sizes: dict[str, Any] = field(default_factory=dict)
     sets: list[str] = field(default_factory=list)
     valid: Optional[str] = None
@@ -119,12 +124,16 @@ class SweepSpec:
             raise ConfigError(f"{source}: 'sets' must be a list of 'key=value' strings")
         if spec.task is None and spec.valid is None:
             raise ConfigError(f"{source}: give 'task' (the synthetic demo task) or 'valid' (a held-out file)")
+        if spec.task is None and "style" in d:
+            raise ConfigError(f"{source}: 'style' applies to the synthetic 'task' only (a data file has its own steps)")
         if spec.task is not None:
             from kava.data.synthetic import TASKS
             from kava.demo import DemoSizes
 
             if spec.task not in TASKS:
                 raise ConfigError(f"{source}: task {spec.task!r}: expected one of {', '.join(sorted(TASKS))}")
+            if spec.style not in ("equations", "nl"):
+                raise ConfigError(f"{source}: style {spec.style!r}: expected 'equations' or 'nl'")
             if not isinstance(spec.sizes, dict):
                 raise ConfigError(f"{source}: 'sizes' must map kava.demo.DemoSizes fields to values")
             bad = sorted(set(spec.sizes) - {f.name for f in fields(DemoSizes)} - {"quick"})
@@ -149,7 +158,8 @@ class SweepSpec:
         return cls.from_dict(read_yaml_mapping(path, "sweep spec"), source=str(path))
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "source" and not (f.name in _SPEC_KEY_NEWER and getattr(self, f.name) == _SPEC_KEY_NEWER[f.name])}
 
     def demo_sizes(self):
         from kava.demo import QUICK, DemoSizes
@@ -217,7 +227,7 @@ def plan(spec: SweepSpec, out: Path) -> list[Job]:
         if spec.task is not None:
             from kava.demo import prepare_task
 
-            files = prepare_task(seed_dir, seed, spec.demo_sizes())
+            files = prepare_task(seed_dir, seed, spec.demo_sizes(), style=spec.style)
         cfgs = {name: variant_config(spec, name, seed, files) for name in spec.variants}
         groups: dict[str, list[str]] = {}
         for name, cfg in cfgs.items():
@@ -556,8 +566,9 @@ def _delta_cell(r: dict) -> str:
 
 def format_report(spec: SweepSpec, report: dict, split: str) -> str:
     ref = spec.reference
+    task = f", task `{spec.task}`" + (f" ({spec.style} CoT)" if spec.style != "equations" else "") if spec.task else ""
     lines = [f"# Sweep report ({split} split)", "",
-             f"Base `{spec.base}`" + (f", task `{spec.task}`" if spec.task else "")
+             f"Base `{spec.base}`" + task
              + (f", budget {spec.budget} steps" if spec.budget else "") + f"; seeds {', '.join(map(str, spec.seeds))}; "
              f"reference `{ref}`. Accuracy % (primary mode of each method); paired differences against `{ref}` on "
              "the same questions: 95% paired bootstrap CI over questions, exact McNemar p.", "",

@@ -355,6 +355,7 @@ def test_no_train_before_training_is_a_clear_error(tmp_path, capsys):
     ({"pairs": [["kava", "codi"]]}, "pairs: 'codi' is not one of the variants (kava, pccot)"),
     ({"pairs": [["kava", "kava"]]}, "pairs: [kava, kava] compares a variant with itself"),
     ({"pairs": ["kava"]}, "'pairs' must be a list of [variant, variant] pairs"),
+    ({"style": "prose"}, "style 'prose': expected 'equations' or 'nl'"),
     (None, "no such sweep spec"),
 ])
 def test_bad_spec_is_a_one_line_error(tmp_path, capsys, change, message):
@@ -420,6 +421,25 @@ def test_an_interrupted_warm_start_resumes_to_the_same_weights(swept, tmp_path, 
              if "loss" in json.loads(x)]
     assert steps == list(range(1, WARM_STEPS + 1))  # step 1 was not trained again
     assert_same_tensors(weights(resumed), weights(done))
+
+
+def test_an_nl_task_has_the_same_questions_with_sentence_steps(tmp_path):
+    """style: nl draws the same questions as the equations task, with natural-language steps; the saved spec
+    names the style only when it is not the default (so older sweep directories keep matching their spec)."""
+    eq_spec = sweep.SweepSpec.from_yaml(write_spec(tmp_path / "eq.yaml", seeds=[0]))
+    nl_spec = sweep.SweepSpec.from_yaml(write_spec(tmp_path / "nl.yaml", seeds=[0], style="nl"))
+    assert "style" not in eq_spec.to_dict() and nl_spec.to_dict()["style"] == "nl"
+    rows = {}
+    for name, spec in (("eq", eq_spec), ("nl", nl_spec)):
+        sweep.plan(spec, tmp_path / name)
+        data = tmp_path / name / "seed0" / "data"
+        assert json.loads((data / "task.json").read_text())["style"] == ("nl" if name == "nl" else "equations")
+        rows[name] = read_jsonl(data / "valid.jsonl")
+    assert [r["question"] for r in rows["nl"]] == [r["question"] for r in rows["eq"]]
+    assert [r["answer"] for r in rows["nl"]] == [r["answer"] for r in rows["eq"]]
+    for eq, nl in zip(rows["eq"], rows["nl"]):
+        assert len(nl["steps"]) == len(eq["steps"])
+        assert all(s.startswith("<<") for s in eq["steps"]) and all(s.endswith(".") and "<<" not in s for s in nl["steps"])
 
 
 def test_warm_key_groups_variants_that_share_the_teacher_only_steps():
