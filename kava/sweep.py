@@ -158,8 +158,8 @@ class SweepSpec:
         return cls.from_dict(read_yaml_mapping(path, "sweep spec"), source=str(path))
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name != "source" and not (f.name in _SPEC_KEY_NEWER and getattr(self, f.name) == _SPEC_KEY_NEWER[f.name])}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
+        return {k: v for k, v in d.items() if not (k in _SPEC_KEY_NEWER and v == _SPEC_KEY_NEWER[k])}
 
     def demo_sizes(self):
         from kava.demo import QUICK, DemoSizes
