@@ -356,6 +356,7 @@ def test_no_train_before_training_is_a_clear_error(tmp_path, capsys):
     ({"pairs": [["kava", "kava"]]}, "pairs: [kava, kava] compares a variant with itself"),
     ({"pairs": ["kava"]}, "'pairs' must be a list of [variant, variant] pairs"),
     ({"style": "prose"}, "style 'prose': expected 'equations' or 'nl'"),
+    ({"task": None, "valid": "valid.jsonl", "style": "nl"}, "'style' applies to the synthetic 'task' only"),
     (None, "no such sweep spec"),
 ])
 def test_bad_spec_is_a_one_line_error(tmp_path, capsys, change, message):
