@@ -127,12 +127,12 @@ class SweepSpec:
         if spec.task is None and "style" in d:
             raise ConfigError(f"{source}: 'style' applies to the synthetic 'task' only (a data file has its own steps)")
         if spec.task is not None:
-            from kava.data.synthetic import TASKS
+            from kava.data.synthetic import STYLES, TASKS
             from kava.demo import DemoSizes
 
             if spec.task not in TASKS:
                 raise ConfigError(f"{source}: task {spec.task!r}: expected one of {', '.join(sorted(TASKS))}")
-            if spec.style not in ("equations", "nl"):
+            if spec.style not in STYLES:
                 raise ConfigError(f"{source}: style {spec.style!r}: expected 'equations' or 'nl'")
             if not isinstance(spec.sizes, dict):
                 raise ConfigError(f"{source}: 'sizes' must map kava.demo.DemoSizes fields to values")

@@ -44,7 +44,10 @@ __all__ = [
     "NumberRanges",
     "DEFAULT_RANGES",
     "TASKS",
+    "STYLES",
 ]
+
+STYLES = ("equations", "nl")  # how the CoT steps are written: <<12+7=19>>, or sentences
 
 MAX_VALUE = 200  # every intermediate value is in 1..MAX_VALUE
 ADD_RANGE = (1, 50)  # operands of + and -
@@ -284,7 +287,7 @@ def make_splits(n_train: int, n_test: int, seed: int = 0, style: str = "equation
     """
     if n_train < 0 or n_test < 0:
         raise ValueError(f"make_splits: sizes must be >= 0, got n_train={n_train}, n_test={n_test}")
-    if style not in ("equations", "nl"):
+    if style not in STYLES:
         raise ValueError(f"style={style!r}: expected 'equations' or 'nl'")
     drawn = _distinct_problems(random.Random(seed), n_test + n_train, set(), ranges,
                                f"make_splits: could not draw {n_train + n_test} distinct problems")
@@ -318,7 +321,7 @@ def make_heldout(n: int, exclude: Iterable[Example], seed: int = 0, name: str = 
     """
     if n < 0:
         raise ValueError(f"make_heldout: n must be >= 0, got {n}")
-    if style not in ("equations", "nl"):
+    if style not in STYLES:
         raise ValueError(f"style={style!r}: expected 'equations' or 'nl'")
     seen = {e.question for e in exclude}
     drawn = _distinct_problems(random.Random(f"{seed}:{name}"), n, seen, ranges,
