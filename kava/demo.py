@@ -303,7 +303,9 @@ def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str], workers: 
     bar = gap >= 10 and disjoint
     from kava.compare import compare_files
 
-    added = compare_files([out / "kava" / "predictions_latent.jsonl"], [out / "kava" / "predictions_direct.jsonl"])
+    kava_dir = out / "kava"
+    (pair,) = compare_files([kava_dir / "predictions_latent.jsonl"], [kava_dir / "predictions_direct.jsonl"])["pairs"]
+    added = {k: pair[k] for k in ("diff", "diff_ci95", "mcnemar_p")}
     lines = [
         f"# KaVa demo (seed {seed})",
         "",
@@ -321,8 +323,8 @@ def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str], workers: 
         f"KaVa-latent minus No-CoT: {gap:+.1f} points; CIs {'do not overlap' if disjoint else 'overlap'}. "
         f"Bar (>= +10 points, disjoint CIs): {'MET' if bar else 'NOT MET'}.",
         f"What the latents add (latent minus direct, the same model on the same questions): "
-        f"{100 * added['pooled_diff']:+.1f} [{100 * added['pooled_diff_ci95'][0]:+.1f}, "
-        f"{100 * added['pooled_diff_ci95'][1]:+.1f}] points, McNemar p = {added['pairs'][0]['mcnemar_p']:.2g}.",
+        f"{100 * added['diff']:+.1f} [{100 * added['diff_ci95'][0]:+.1f}, "
+        f"{100 * added['diff_ci95'][1]:+.1f}] points, McNemar p = {added['mcnemar_p']:.2g}.",
         f"Wall time of this demo: {wall:.0f} s "
         + ("(KaVa and No-CoT trained side by side, one thread each)." if workers > 1 else
            f"(KaVa, then No-CoT, each data-parallel over {processes} single-thread processes)." if processes > 1 else
@@ -337,8 +339,7 @@ def run_demo(out: Path, seed: int, sizes: DemoSizes, extra: list[str], workers: 
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     result = {"seed": seed, "task": sizes.task, "kava": kava, "nocot": nocot, "gap_points": gap, "ci_disjoint": disjoint,
-              "latent_minus_direct": {"diff": added["pooled_diff"], "diff_ci95": added["pooled_diff_ci95"],
-                                      "mcnemar_p": added["pairs"][0]["mcnemar_p"]},
+              "latent_minus_direct": added,
               "bar_met": bar, "wall_s": wall, "workers": workers, "processes": processes}
     (out / "report.json").write_text(json.dumps(result, indent=1))
     print(text)
