@@ -133,7 +133,7 @@ class SweepSpec:
             if spec.task not in TASKS:
                 raise ConfigError(f"{source}: task {spec.task!r}: expected one of {', '.join(sorted(TASKS))}")
             if spec.style not in STYLES:
-                raise ConfigError(f"{source}: style {spec.style!r}: expected 'equations' or 'nl'")
+                raise ConfigError(f"{source}: style {spec.style!r}: expected {' or '.join(map(repr, STYLES))}")
             if not isinstance(spec.sizes, dict):
                 raise ConfigError(f"{source}: 'sizes' must map kava.demo.DemoSizes fields to values")
             bad = sorted(set(spec.sizes) - {f.name for f in fields(DemoSizes)} - {"quick"})
