@@ -1,11 +1,13 @@
-"""Before/after of issue 13 items 2-3 on CPU: the CoT-SFT and KaVa steps on the old and the new path.
+"""Before/after of issue 13 items 1-3 on CPU: the CoT-SFT and KaVa steps on the old and the new path.
 
 Variants (same model and batch, one optimizer step each, interleaved in one run; see common.py):
 
-  a_old / a_new  CoT-SFT step (``training_loss(..., teacher_only=True)``) with peft's trainable-token forward /
-                 with ``kava/token_rows.py`` (no V x D copy per embedding / tied-head call).
-  b_old          KaVa step as before: peft's token forward, the prefix KV copied into a fresh cache in every
-                 latent pass, every metric computed (``log_metrics=True``, what every step did).
+  a_old / a_new  CoT-SFT step (``training_loss(..., teacher_only=True)``) as before issue 13 / now. Old: peft's
+                 trainable-token forward (a V x D copy per embedding / tied-head call), CE on a boolean mask
+                 (item 1: its count is read back), loss, metrics and grad norm read back every step. New:
+                 ``kava/token_rows.py``, host-built label positions, no reads off logging steps.
+  b_old          KaVa step as before: the old path above, plus the prefix KV copied into a fresh cache in every
+                 latent pass and every metric computed (``log_metrics=True``, what every step did).
   b_new          KaVa step off a logging step: row forward, prefix KV by reference, ``log_metrics=False``.
   b_log          KaVa step at a logging step on the new path (``log_metrics=True``).
 
@@ -45,7 +47,9 @@ def make_steps(model, tb, sb, grad_clip: float = 2.0, compiled: dict | None = No
     optimizer_step = common.optimizer_steps(model, grad_clip)
 
     def step(loss_fn, old: bool):
-        return optimizer_step(loss_fn, (lambda: common.old_step_path(model)) if old else contextlib.nullcontext)
+        if old:  # the whole pre-issue-13 path, as benchmarks/gpu.sh times it
+            return optimizer_step(loss_fn, lambda: common.old_step_path(model, host_syncs=True), host_reads=True)
+        return optimizer_step(loss_fn, contextlib.nullcontext)
 
     steps = {
         "a_old": step(lambda: model.training_loss(tb, sb, teacher_only=True), old=True),
