@@ -433,7 +433,7 @@ def optimizer_steps(model, grad_clip: float = 2.0) -> Callable:
                 loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
             if host_reads:
-                float(loss), dict(metrics), float(norm)
+                loss.item(), dict(metrics), norm.item()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return run

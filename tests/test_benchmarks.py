@@ -95,14 +95,15 @@ def test_step_paths_quick(tmp_path):
     import step_paths
 
     import kava.latent
+    import kava.model
 
-    cache_from = kava.latent._cache_from
+    cache_from, masked_ce = kava.latent._cache_from, kava.model.masked_ce
     out = tmp_path / "step_paths.json"
     step_paths.main(["--quick", "--out", str(out)])
     (row,) = _load(out)["results"]
     assert set(row["time_s_median"]) == {"a_old", "a_new", "b_old", "b_new", "b_log"}
     assert {"a_new/a_old", "b_new/b_old", "b_log/b_old"} <= set(row["ratios"])
-    assert kava.latent._cache_from is cache_from
+    assert kava.latent._cache_from is cache_from and kava.model.masked_ce is masked_ce
 
 
 def test_importance_overhead_quick(tmp_path):
