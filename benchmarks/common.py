@@ -418,15 +418,23 @@ def save_results(args, benchmark: str, env: dict, model_info: dict, repeats: int
 
 
 def optimizer_steps(model, grad_clip: float = 2.0) -> Callable:
-    """``step(loss_fn, context=nullcontext, host_reads=False) -> run``: ``run()`` is one AdamW step on ``model``'s
-    trainable weights (forward and backward inside ``context()``). A tiny lr: the weights barely move, so every
-    round measures the same model (and no denormals). ``host_reads``: read the loss, the metrics and the grad norm
-    back every step, as the training loop did before issue 13 item 1 (each read waits for the device)."""
+    """``step(loss_fn, context=nullcontext, host_reads=False, device_guard=False) -> run``: ``run()`` is one AdamW
+    step on ``model``'s trainable weights (forward and backward inside ``context()``). A tiny lr: the weights
+    barely move, so every round measures the same model (and no denormals). ``host_reads``: read the loss, the
+    metrics and the grad norm back every step, as the training loop did before issue 13 item 1 (each read waits
+    for the device). ``device_guard``: the step of ``train.nonfinite_guard=device`` (the default on CUDA): fused
+    AdamW, skipped on the device when the loss or grad norm is non-finite (``kava.train.step_unless``)."""
+    from kava.train import step_unless
+
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-7, weight_decay=0.1)
+    opts = {False: torch.optim.AdamW(params, lr=1e-7, weight_decay=0.1)}
 
     def step(loss_fn: Callable, context: Callable = contextlib.nullcontext,
-             host_reads: bool = False) -> Callable[[], None]:
+             host_reads: bool = False, device_guard: bool = False) -> Callable[[], None]:
+        if device_guard and True not in opts:
+            opts[True] = torch.optim.AdamW(params, lr=1e-7, weight_decay=0.1, fused=True)
+        opt = opts[device_guard]
+
         def run():
             with context():
                 loss, metrics = loss_fn()
@@ -434,7 +442,10 @@ def optimizer_steps(model, grad_clip: float = 2.0) -> Callable:
             norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
             if host_reads:
                 loss.item(), dict(metrics), norm.item()
-            opt.step()
+            if device_guard:
+                step_unless(opt, ~(torch.isfinite(loss.detach()) & torch.isfinite(norm)))
+            else:
+                opt.step()
             opt.zero_grad(set_to_none=True)
         return run
 

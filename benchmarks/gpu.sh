@@ -16,7 +16,8 @@
 #                       per embedding / tied-head call), the prefix KV copied into a fresh cache in every latent
 #                       pass, every metric computed (log_metrics=True), CE on a boolean mask (host syncs), and
 #                       the loss, metrics and grad norm read back every step (benchmarks/common.py old_step_path);
-#   cot_new / kava_new  the library now, off a logging step (log_metrics=False);
+#   cot_new / kava_new  the library now, off a logging step (log_metrics=False), with its CUDA default
+#                       train.nonfinite_guard=device (fused AdamW, the skip decided on the device: no host read);
 #   kava_comp           kava_new with latent.compile (issue 13 item 4: the M-slot passes through torch.compile,
 #                       the graph latent.compile builds). Compiled after the timed eager rounds' warm-up; its
 #                       compile time is reported; --no-compile leaves it out. On failure the error is recorded
@@ -176,10 +177,11 @@ def steps_for(tb, sb) -> dict:
     old = lambda: common.old_step_path(model, host_syncs=True)  # noqa: E731
     return {
         "cot_old": optimizer_step(loss_fn(True, True), old, host_reads=True),
-        "cot_new": optimizer_step(loss_fn(True, False)),
+        "cot_new": optimizer_step(loss_fn(True, False), device_guard=True),
         "kava_old": optimizer_step(loss_fn(False, True), old, host_reads=True),
-        "kava_new": optimizer_step(loss_fn(False, False)),
-        "kava_comp": optimizer_step(loss_fn(False, False), lambda: common.compiled_latents(model, compiled)),
+        "kava_new": optimizer_step(loss_fn(False, False), device_guard=True),
+        "kava_comp": optimizer_step(loss_fn(False, False), lambda: common.compiled_latents(model, compiled),
+                                    device_guard=True),
     }
 
 

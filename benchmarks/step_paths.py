@@ -10,6 +10,8 @@ Variants (same model and batch, one optimizer step each, interleaved in one run;
                  latent pass and every metric computed (``log_metrics=True``, what every step did).
   b_new          KaVa step off a logging step: row forward, prefix KV by reference, ``log_metrics=False``.
   b_log          KaVa step at a logging step on the new path (``log_metrics=True``).
+  b_dev          b_new with ``train.nonfinite_guard=device`` (the CUDA default): fused AdamW, skipped on a device
+                 flag (``kava.train.step_unless``) instead of the host guard's read.
 
 With ``--compiled`` (issue 13 item 4, ``latent.compile``), two more, both b_new with the M-slot passes compiled
 (inductor):
@@ -46,10 +48,10 @@ def make_steps(model, tb, sb, grad_clip: float = 2.0, compiled: dict | None = No
     """The variants' optimizer steps; ``compiled``: {variant name: compiled latent pass} for the compiled ones."""
     optimizer_step = common.optimizer_steps(model, grad_clip)
 
-    def step(loss_fn, old: bool):
+    def step(loss_fn, old: bool, device_guard: bool = False):
         if old:  # the whole pre-issue-13 path, as benchmarks/gpu.sh times it
             return optimizer_step(loss_fn, lambda: common.old_step_path(model, host_syncs=True), host_reads=True)
-        return optimizer_step(loss_fn, contextlib.nullcontext)
+        return optimizer_step(loss_fn, contextlib.nullcontext, device_guard=device_guard)
 
     steps = {
         "a_old": step(lambda: model.training_loss(tb, sb, teacher_only=True), old=True),
@@ -57,6 +59,7 @@ def make_steps(model, tb, sb, grad_clip: float = 2.0, compiled: dict | None = No
         "b_old": step(lambda: model.training_loss(tb, sb, log_metrics=True), old=True),
         "b_new": step(lambda: model.training_loss(tb, sb, log_metrics=False), old=False),
         "b_log": step(lambda: model.training_loss(tb, sb, log_metrics=True), old=False),
+        "b_dev": step(lambda: model.training_loss(tb, sb, log_metrics=False), old=False, device_guard=True),
     }
     for name, fn in (compiled or {}).items():
         steps[name] = optimizer_step(lambda: model.training_loss(tb, sb, log_metrics=False),
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         times = common.interleaved(steps, repeats=repeats, warmup=args.warmup, device=device, both=both)
         pairs = {"a_new/a_old": ("a_new", "a_old"), "b_new/b_old": ("b_new", "b_old"),
                  "b_log/b_old": ("b_log", "b_old"), "b_old/a_old": ("b_old", "a_old"),
-                 "b_new/a_new": ("b_new", "a_new")}
+                 "b_new/a_new": ("b_new", "a_new"), "b_dev/b_new": ("b_dev", "b_new")}
         if compiled:
             pairs.update({"b_comp/b_new": ("b_comp", "b_new"), "b_cstat/b_new": ("b_cstat", "b_new"),
                           "b_comp/a_new": ("b_comp", "a_new")})

@@ -120,6 +120,7 @@ class TrainCfg:
     eval_every: int = _f(0, "validate every N steps (0 = only at the end)")
     log_every: int = _f(10, "log metrics every N steps")
     max_bad_steps: int = _f(5, "abort after this many consecutive non-finite steps")
+    nonfinite_guard: Literal["auto", "host", "device"] = _f("auto", "where a step with a non-finite loss or gradient norm is skipped: host (reads one flag per step) | device (fused AdamW's found_inf, no read: skipped steps are counted, warned about and checked against max_bad_steps at logging steps and checkpoints) | auto (device on CUDA, host on CPU, with fp16 or with fsdp)")
     tensorboard: bool = _f(False, "also log to TensorBoard")
     curriculum_cot_steps: int = _f(0, "first N steps train the teacher CE only (warm-start the CoT teacher)")
     curriculum_ramp_steps: int = _f(0, "after the curriculum, the student terms grow linearly from 0 to full weight over N steps")
@@ -243,6 +244,10 @@ class KavaConfig:
             ("train.curriculum_ramp_steps", self.train.curriculum_ramp_steps >= 0, "must be >= 0"),
             ("train.fsdp", not (self.train.fsdp and self.train.mixed_precision == "fp16"),
              "does not support train.mixed_precision=fp16 (the loss scaler would decide per shard); use bf16"),
+            ("train.nonfinite_guard", not (self.train.nonfinite_guard == "device" and self.train.mixed_precision == "fp16"),
+             "device does not work with train.mixed_precision=fp16 (the loss scaler skips overflowing steps itself); use host"),
+            ("train.nonfinite_guard", not (self.train.nonfinite_guard == "device" and self.train.fsdp),
+             "device with train.fsdp=true is untested (fused AdamW over FSDP2's sharded parameters); use host"),
             ("eval.batch_size", self.eval.batch_size >= 1, "must be >= 1"),
             ("eval.max_answer_tokens", self.eval.max_answer_tokens >= 1, "must be >= 1"),
         ]

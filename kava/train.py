@@ -145,6 +145,8 @@ class Run:
     train_segments: SegmentStore  # train's Segments, tokenised once; every step collates from them
     train_lengths: tuple[int, ...] = ()  # teacher length per example (train.group_by_length, sort_micro_batches)
     sharded: bool = False  # train.fsdp under several processes: FSDP2 units, no DDP (kava/sharding.py)
+    # train.nonfinite_guard=device: [bad steps in a row, bad steps not yet read], on the device (float32)
+    bad_counts: torch.Tensor | None = None
 
 
 def student_weight_at(step: int, curriculum_cot_steps: int, ramp_steps: int) -> float:
@@ -211,7 +213,8 @@ def run_training(cfg: KavaConfig, output_dir: str | Path, resume: str | Path | N
         load_checkpoint_weights(source, kava, branch=branch is not None)
     if sharded:
         sharding.shard(kava, accelerator.device)  # before the optimizer, which must hold the sharded parameters
-    optimizer = build_optimizer(cfg, kava)
+    on_device = guard_on_device(cfg, accelerator)
+    optimizer = build_optimizer(cfg, kava, fused=on_device)
     if cfg.uses_latents and not cfg.uses_projection:
         # Jacobi with T = 0 never reads prj. Frozen, DDP does not wait for its gradients (it would raise on the
         # second step); kept in the optimizer (no gradient, no update), so the parameter groups, and thus
@@ -257,6 +260,8 @@ def run_training(cfg: KavaConfig, output_dir: str | Path, resume: str | Path | N
                              if cfg.train.group_by_length or cfg.train.sort_micro_batches else ()),
               log=MetricsLog(out, accelerator.is_main_process, cfg.train.tensorboard, resume_step=state.step if checkpoint else None),
               sharded=sharded)
+    if on_device:
+        run.bad_counts = torch.tensor([float(state.consecutive_bad_steps), 0.0], device=accelerator.device)
     try:
         return fit(run, stop_after_steps=stop_after_steps)
     finally:
@@ -279,11 +284,23 @@ def make_accelerator(cfg: KavaConfig):
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
 
 
-def build_optimizer(cfg: KavaConfig, model: nn.Module) -> torch.optim.Optimizer:
+def guard_on_device(cfg: KavaConfig, accelerator) -> bool:
+    """Whether ``train.nonfinite_guard`` skips bad steps on the device (fused AdamW's ``found_inf``): ``auto`` is
+    on for CUDA, where a host read stalls the launch queue, and off on CPU, with fp16 (its loss scaler skips
+    steps itself) and with FSDP2 (untested)."""
+    guard = cfg.train.nonfinite_guard
+    if guard != "auto":
+        return guard == "device"
+    return accelerator.device.type == "cuda" and accelerator.scaler is None and not cfg.train.fsdp
+
+
+def build_optimizer(cfg: KavaConfig, model: nn.Module, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters only (LoRA, new-token rows, projection; or all for full FT).
 
     With ``train.weight_decay_scope=matrices`` (as HF Trainer, which CODI and PCCoT use) biases, norm
     weights (every tensor of fewer than 2 dims) and the trainable new-token rows are not decayed.
+    ``fused``: torch's fused kernel (HF Trainer's default optimizer since torch 2.8; the same update, other
+    rounding), which can skip a step on a device flag (:func:`step_unless`).
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
@@ -296,7 +313,21 @@ def build_optimizer(cfg: KavaConfig, model: nn.Module) -> torch.optim.Optimizer:
         exempt = [p for n, p in named if is_decay_exempt(n, p)]
         groups = [g for g in ({"params": decayed, "weight_decay": t.weight_decay},
                               {"params": exempt, "weight_decay": 0.0}) if g["params"]]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                             fused=True if fused else None)
+
+
+def step_unless(optimizer, skip: torch.Tensor) -> None:
+    """One fused-AdamW step that leaves the weights, both moments and the step count as they are where ``skip``
+    (a device bool) is set: torch's ``found_inf`` protocol, as ``GradScaler`` drives it, with no host read."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+    if not inner.defaults.get("fused"):
+        raise RuntimeError("step_unless needs a fused AdamW (build_optimizer(..., fused=True))")
+    inner.found_inf = skip.detach().float().reshape(())
+    try:
+        optimizer.step()
+    finally:
+        del inner.found_inf
 
 
 def is_decay_exempt(name: str, param: torch.Tensor) -> bool:
@@ -488,9 +519,11 @@ def to_device(batches: tuple, device) -> tuple:
 class StepResult:
     loss: float | None  # None off logging steps: the values stay on the device (no host sync)
     grad_norm: float | None
-    skipped: bool  # no update was applied
+    skipped: bool | None  # no update was applied; None: decided on the device and not read (nonfinite_guard=device)
     overflow: bool  # skipped by the fp16 loss scaler on overflowing gradients at a finite loss (not a bad step)
     metrics: dict[str, float]  # empty off logging steps
+    # nonfinite_guard=device, at logging steps: (bad steps in a row, bad steps since the last read) after this one
+    bad_counts: tuple[int, int] | None = None
 
     @property
     def logged(self) -> bool:
@@ -537,7 +570,8 @@ def train_step(run: Run, step: int) -> StepResult:
 
     Host syncs: the loss and the metrics stay on the device and are read at logging steps (and at skipped
     steps) in one ``.tolist()``. Off them the step reads one flag, "loss and gradient norm finite", to decide
-    the update (docs/perf.md section 8); fp16 adds the loss scaler's own reads.
+    the update (docs/perf.md section 8), or none with ``train.nonfinite_guard=device``, which decides on the
+    device and counts bad steps there; fp16 adds the loss scaler's own reads.
     """
     cfg, acc, st = run.cfg, run.accelerator, run.state
     t = cfg.train
@@ -590,6 +624,8 @@ def train_step(run: Run, step: int) -> StepResult:
     local = torch.cat([loss_sum.reshape(1), metric_sum.to(loss_sum.device)])
     total = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local  # a collective, no host read
     values = torch.cat([total[:1], grad, total[1:]])  # loss, grad norm, metrics
+    if run.bad_counts is not None:
+        return _update_guarded_on_device(run, values, names, weight, log_step, has_norm=grad_norm is not None)
     read_values = values.tolist() if log_step else None  # the logging step's one read: the guard uses it too
     scaler = acc.scaler  # fp16 only
     if read_values is not None:
@@ -635,6 +671,66 @@ def train_step(run: Run, step: int) -> StepResult:
                                                   "student_weight": weight})
 
 
+def _update_guarded_on_device(run: Run, values: torch.Tensor, names, weight: float, log_step: bool,
+                              has_norm: bool) -> StepResult:
+    """``train.nonfinite_guard=device``: the update is skipped on the device when the (reduced) loss or gradient
+    norm is non-finite, and the bad-step counters are kept there; at logging steps one read returns the values
+    and the counters. The same decision as the host guard, on the same values, without its read."""
+    bad = ~torch.isfinite(values[:2]).all()
+    step_unless(run.optimizer, bad)
+    run.optimizer.zero_grad(set_to_none=True)
+    in_a_row, unread = run.bad_counts.unbind()
+    run.bad_counts = torch.stack([(in_a_row + 1) * bad, unread + bad])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        run.scheduler.step()
+    if not log_step:
+        return StepResult(loss=None, grad_norm=None, skipped=None, overflow=False, metrics={})
+    loss_value, grad_value, *metric_values, in_a_row, unread = torch.cat([values, run.bad_counts]).tolist()
+    run.bad_counts[1] = 0  # read: the unread count starts again
+    return StepResult(loss=loss_value, grad_norm=grad_value if has_norm else 0.0,
+                      skipped=not (math.isfinite(loss_value) and math.isfinite(grad_value)), overflow=False,
+                      metrics={**dict(sorted(zip(names, metric_values))), "student_weight": weight},
+                      bad_counts=(int(in_a_row), int(unread)))
+
+
+def read_bad_counts(run: Run) -> None:
+    """``train.nonfinite_guard=device``: bring the device's bad-step counters into ``run.state`` (one read), so a
+    checkpoint's train_state.json has them exact."""
+    if run.bad_counts is None:
+        return
+    in_a_row, unread = run.bad_counts.tolist()
+    run.bad_counts[1] = 0
+    _take_device_counts(run, int(in_a_row), int(unread))
+
+
+def count_bad_steps(run: Run, res: StepResult) -> None:
+    """Update the state's bad-step counters after a step, and warn of skipped ones."""
+    st = run.state
+    if res.bad_counts is not None:  # nonfinite_guard=device, a logging step: the device's counters were read
+        _take_device_counts(run, *res.bad_counts)
+    elif res.skipped is None:  # nonfinite_guard=device, off a logging step: counted on the device, not read
+        return
+    elif not res.skipped:
+        st.consecutive_bad_steps = 0
+    elif res.overflow:  # the fp16 loss scaler at work (typical in the first steps): not a bad step
+        st.overflow_steps_total += 1
+    else:
+        st.bad_steps_total += 1
+        st.consecutive_bad_steps += 1
+        _warn(f"step {st.step}: non-finite loss ({res.loss}) or gradient norm ({res.grad_norm}); optimizer step "
+              f"skipped ({st.consecutive_bad_steps} in a row, {st.bad_steps_total} in total)", run.accelerator)
+
+
+def _take_device_counts(run: Run, in_a_row: int, unread: int) -> None:
+    st = run.state
+    st.bad_steps_total += unread
+    st.consecutive_bad_steps = in_a_row
+    if unread:
+        _warn(f"step {st.step}: {unread} optimizer step(s) skipped since the last read (non-finite loss or gradient "
+              f"norm, found on the device; {in_a_row} in a row, {st.bad_steps_total} in total)", run.accelerator)
+
+
 # ============================================================================
 # 5. the loop
 # ============================================================================
@@ -655,15 +751,7 @@ def fit(run: Run, stop_after_steps: int | None = None) -> Path:
             st.step += 1
             st.epoch, st.batch_in_epoch = divmod(st.step, st.steps_per_epoch)
             st.examples_seen += t.global_batch_size
-            if not res.skipped:
-                st.consecutive_bad_steps = 0
-            elif res.overflow:  # the fp16 loss scaler at work (typical in the first steps): not a bad step
-                st.overflow_steps_total += 1
-            else:
-                st.bad_steps_total += 1
-                st.consecutive_bad_steps += 1
-                _warn(f"step {st.step}: non-finite loss ({res.loss}) or gradient norm ({res.grad_norm}); optimizer step "
-                      f"skipped ({st.consecutive_bad_steps} in a row, {st.bad_steps_total} in total)", acc)
+            count_bad_steps(run, res)
             if res.logged:  # logging steps and skipped steps: train_step read their values
                 run.log.write({"step": st.step, "epoch": st.step / st.steps_per_epoch, "lr": lr, **res.metrics,
                                "loss": res.loss, "grad_norm": res.grad_norm, "skipped": res.skipped,
@@ -708,6 +796,7 @@ def save(run: Run) -> Path:
     """A checkpoint of the current step; every process calls it. Sharded, every process takes part in gathering
     the full weights and optimizer state onto rank 0, which writes the same files as an unsharded run."""
     acc = run.accelerator
+    read_bad_counts(run)  # nonfinite_guard=device: the counters saved are the exact ones
     acc.wait_for_everyone()
     full = {}
     if run.sharded:

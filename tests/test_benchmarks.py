@@ -101,8 +101,8 @@ def test_step_paths_quick(tmp_path):
     out = tmp_path / "step_paths.json"
     step_paths.main(["--quick", "--out", str(out)])
     (row,) = _load(out)["results"]
-    assert set(row["time_s_median"]) == {"a_old", "a_new", "b_old", "b_new", "b_log"}
-    assert {"a_new/a_old", "b_new/b_old", "b_log/b_old"} <= set(row["ratios"])
+    assert set(row["time_s_median"]) == {"a_old", "a_new", "b_old", "b_new", "b_log", "b_dev"}
+    assert {"a_new/a_old", "b_new/b_old", "b_log/b_old", "b_dev/b_new"} <= set(row["ratios"])
     assert kava.latent._cache_from is cache_from and kava.model.masked_ce is masked_ce
 
 

@@ -115,6 +115,16 @@ def test_latent_compile_without_a_fixed_shape_pass_is_refused(pairs):
         KavaConfig().override(pairs)
 
 
+@pytest.mark.parametrize("pairs", [
+    ["train.nonfinite_guard=device", "train.mixed_precision=fp16"],
+    ["train.nonfinite_guard=device", "train.fsdp=true"],
+    ["train.nonfinite_guard=gpu"],
+])
+def test_nonfinite_guard_on_the_device_where_it_cannot_work_is_refused(pairs):
+    with pytest.raises(ConfigError, match=r"train\.nonfinite_guard"):
+        KavaConfig().override(pairs)
+
+
 def test_latent_compile_is_off_by_default_and_checked_after_resolving():
     assert KavaConfig().latent.compile is False
     for method in ("kava", "pccot"):

@@ -60,7 +60,8 @@ def one_process(cfg, out: Path) -> Path:
         torch.set_num_threads(before)
 
 
-def test_two_processes_match_one_process(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("guard", ["host", "device"])
+def test_two_processes_match_one_process(guard, tiny_llama_dir, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text(rows(10))
     (tmp_path / "valid.jsonl").write_text(rows(3))
@@ -70,6 +71,7 @@ def test_two_processes_match_one_process(tiny_llama_dir, tmp_path):
         "data.train_path": str(data), "train.max_steps": 3, "train.global_batch_size": 4, "train.micro_batch_size": 1,
         "train.log_every": 1, "train.warmup_ratio": 0.0, "train.lr": 1e-2, "lora.dropout": 0.0,
         "data.eval_path": str(tmp_path / "valid.jsonl"), "train.eval_every": 2, "eval.batch_size": 2,
+        "train.nonfinite_guard": guard,  # device: fused AdamW through accelerate's wrapper, under DDP
     })
     two_processes(cfg, tmp_path / "two", tmp_path)
     one = one_process(cfg, tmp_path / "one")

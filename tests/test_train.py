@@ -343,10 +343,12 @@ def nan_on_calls(monkeypatch, bad_calls):
     monkeypatch.setattr(KavaModel, "training_loss", patched)
 
 
-def test_nonfinite_loss_skips_the_update_and_counts(tiny_llama_dir, data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("guard", ["host", "device"])
+def test_nonfinite_loss_skips_the_update_and_counts(guard, tiny_llama_dir, data, tmp_path, monkeypatch):
     # 2 micro-batches per step: call 3 is the first micro-batch of step 2.
     nan_on_calls(monkeypatch, {3})
-    cfg = make_cfg(tiny_llama_dir, data, **{"train.save_every": 1, "train.keep_last": 5})
+    cfg = make_cfg(tiny_llama_dir, data, **{"train.save_every": 1, "train.keep_last": 5,
+                                            "train.nonfinite_guard": guard})
     with pytest.warns(RuntimeWarning, match="non-finite"):
         final = run_training(cfg, tmp_path)
     steps = step_records(tmp_path)
@@ -358,12 +360,92 @@ def test_nonfinite_loss_skips_the_update_and_counts(tiny_llama_dir, data, tmp_pa
     assert json.loads((final / "train_state.json").read_text())["bad_steps_total"] == 1
 
 
-def test_abort_after_max_bad_steps_in_a_row(tiny_llama_dir, data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("guard", ["host", "device"])
+def test_abort_after_max_bad_steps_in_a_row(guard, tiny_llama_dir, data, tmp_path, monkeypatch):
     nan_on_calls(monkeypatch, None)
-    cfg = make_cfg(tiny_llama_dir, data, **{"train.max_bad_steps": 2})
+    cfg = make_cfg(tiny_llama_dir, data, **{"train.max_bad_steps": 2, "train.nonfinite_guard": guard})
     with pytest.warns(RuntimeWarning), pytest.raises(TrainingAborted, match="2 consecutive steps .*max_bad_steps=2"):
         run_training(cfg, tmp_path)
     assert len(step_records(tmp_path)) == 2
+
+
+# ----------------------------------------------------------------------------
+# the non-finite guard on the device (train.nonfinite_guard=device)
+# ----------------------------------------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(bad=st.lists(st.booleans(), min_size=1, max_size=6), decay=st.sampled_from([0.0, 0.1]))
+def test_step_unless_is_exactly_no_step_where_the_flag_is_set(bad, decay):
+    """Fused AdamW stepped through ``step_unless`` on a sequence of good and bad steps ends bit-identical to the
+    same optimizer stepped on the good steps only: weights, both moments and the step count (bad steps carry
+    NaN gradients, as they would)."""
+    from kava.train import step_unless
+
+    def run(skip_on_device: bool):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=decay, fused=True)
+        good = 0
+        for is_bad in bad:
+            if is_bad and not skip_on_device:
+                continue
+            g = torch.Generator().manual_seed(good)
+            for p in params:
+                p.grad = torch.full_like(p, float("nan")) if is_bad else torch.randn(p.shape, generator=g)
+            step_unless(opt, torch.tensor(is_bad))
+            opt.zero_grad(set_to_none=True)
+            good += not is_bad
+        return params, opt
+
+    (pa, oa), (pb, ob) = run(True), run(False)
+    assert all(torch.equal(a, b) for a, b in zip(pa, pb))
+    for a, b in zip(pa, pb):
+        sa, sb = oa.state.get(a, {}), ob.state.get(b, {})
+        if not sb:  # only bad steps: the reference never stepped; the guarded one holds zero moments, step 0
+            assert not sa or (float(sa["step"]) == 0 and not sa["exp_avg"].any() and not sa["exp_avg_sq"].any())
+            continue
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sb)
+
+
+def test_step_unless_refuses_an_unfused_optimizer():
+    from kava.train import step_unless
+
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(RuntimeError, match="fused"):
+        step_unless(torch.optim.AdamW([p]), torch.tensor(False))
+
+
+def test_device_guard_counts_bad_steps_off_logging_steps_and_matches_the_host_guard(tiny_llama_dir, data, tmp_path,
+                                                                                       monkeypatch):
+    """A bad step between logging steps is skipped on the device, counted and warned about at the next read; the
+    run ends where the host-guarded run ends (fused vs plain AdamW: the same update, other rounding)."""
+    cfg = {"train.log_every": 3, "train.max_steps": 4}
+    nan_on_calls(monkeypatch, {3})  # step 2, off the logging steps (1, 3, 4)
+    with pytest.warns(RuntimeWarning, match="1 optimizer step.*skipped since the last read.*non-finite"):
+        dev = run_training(make_cfg(tiny_llama_dir, data, **cfg, **{"train.nonfinite_guard": "device"}),
+                           tmp_path / "device")
+    nan_on_calls(monkeypatch, {3})
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        host = run_training(make_cfg(tiny_llama_dir, data, **cfg, **{"train.nonfinite_guard": "host"}),
+                            tmp_path / "host")
+    rows = step_records(tmp_path / "device")
+    assert [r["step"] for r in rows] == [1, 3, 4]
+    assert [(r["bad_steps"], r["bad_steps_total"]) for r in rows] == [(0, 0), (0, 1), (0, 1)]
+    assert json.loads((dev / "train_state.json").read_text())["bad_steps_total"] == 1
+    assert [r["step"] for r in step_records(tmp_path / "host")] == [1, 2, 3, 4]  # the host guard logs the bad step
+    a, b = trainable(dev), trainable(host)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_device_guard_resume_is_bit_identical(tiny_llama_dir, data, tmp_path):
+    """Fused AdamW keeps its step counts as tensors: stopping and resuming under the device guard still gives the
+    straight run's weights bit for bit."""
+    cfg = make_cfg(tiny_llama_dir, data, **{"train.nonfinite_guard": "device"})
+    straight = run_training(cfg, tmp_path / "straight")
+    run_training(cfg, tmp_path / "resumed", stop_after_steps=2)
+    final = run_training(cfg, tmp_path / "resumed", resume=tmp_path / "resumed")
+    assert_identical(trainable(final), trainable(straight))
 
 
 # ----------------------------------------------------------------------------
@@ -408,10 +490,12 @@ class HostReads:
             self.events.append(f"{what} at {' < '.join(f'{Path(f.filename).name}:{f.lineno}' for f in stack[-8:-2])}")
 
 
-def test_a_training_step_reads_the_device_once(tiny_llama_dir, data, tmp_path, monkeypatch):
-    """Off a logging step the only host read is the non-finite guard's flag; at a logging step it is the one
-    read of the loss, gradient norm and metrics (the guard uses it). The CE, the metrics, the loss shares and
-    the guard make no other. The counted window starts after the batches are collated and counted on the host."""
+@pytest.mark.parametrize("guard", ["host", "device"])
+def test_a_training_step_reads_the_device_once(guard, tiny_llama_dir, data, tmp_path, monkeypatch):
+    """Off a logging step the only host read is the non-finite guard's flag, and none with the guard on the
+    device; at a logging step it is the one read of the loss, gradient norm and metrics (the host guard uses it;
+    the device guard's counters come with it). The CE, the metrics, the loss shares and the guard make no
+    other. The counted window starts after the batches are collated and counted on the host."""
     import kava.train as kt
 
     reads = {}  # step -> HostReads
@@ -441,11 +525,15 @@ def test_a_training_step_reads_the_device_once(tiny_llama_dir, data, tmp_path, m
     monkeypatch.setattr(kt, "train_step", step)
     monkeypatch.setattr(torch.Tensor, "tolist", tolist)
     # 2 micro-batches per step, random eviction, every KaVa term; step 2 (index 1) is off the logging steps.
-    cfg = make_cfg(tiny_llama_dir, data, **{"train.max_steps": 3, "train.log_every": 3})
+    cfg = make_cfg(tiny_llama_dir, data, **{"train.max_steps": 3, "train.log_every": 3,
+                                            "train.nonfinite_guard": guard})
     run_training(cfg, tmp_path)
     assert sorted(reads) == [0, 1, 2]
-    assert len(reads[1].events) == 1 and "_local_scalar_dense" in reads[1].events[0], reads[1].events
-    assert "train.py" in reads[1].events[0]
+    if guard == "host":
+        assert len(reads[1].events) == 1 and "_local_scalar_dense" in reads[1].events[0], reads[1].events
+        assert "train.py" in reads[1].events[0]
+    else:
+        assert reads[1].events == []
     for s in (0, 2):  # logging steps
         assert len(reads[s].events) == 1 and reads[s].events[0].startswith("tolist"), reads[s].events
     assert [r["step"] for r in step_records(tmp_path)] == [1, 3]
@@ -951,7 +1039,7 @@ def test_gradient_accumulation_equals_the_full_batch(case, tiny_llama_dir, data,
     """
     import kava.train as kt
 
-    monkeypatch.setattr(kt, "build_optimizer", lambda cfg, model: torch.optim.SGD(
+    monkeypatch.setattr(kt, "build_optimizer", lambda cfg, model, fused=False: torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=1.0))
     common = {"train.max_steps": 1, "train.global_batch_size": 4, "train.grad_clip": 0.0, "lora.dropout": 0.0,
               "eviction.method": "rkv", "latent.num_tokens": 28}
@@ -979,7 +1067,7 @@ def test_sorted_micro_batches_give_the_full_batch_gradient_with_less_padding(tin
     which the unsorted order's are not."""
     import kava.train as kt
 
-    monkeypatch.setattr(kt, "build_optimizer", lambda cfg, model: torch.optim.SGD(
+    monkeypatch.setattr(kt, "build_optimizer", lambda cfg, model, fused=False: torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=1.0))
     collated = []
     real = kt.batches_from_segments
