@@ -423,14 +423,15 @@ def optimizer_steps(model, grad_clip: float = 2.0) -> Callable:
     barely move, so every round measures the same model (and no denormals). ``host_reads``: read the loss, the
     metrics and the grad norm back every step, as the training loop did before issue 13 item 1 (each read waits
     for the device). ``device_guard``: the step of ``train.nonfinite_guard=device`` (the default on CUDA): fused
-    AdamW, skipped on the device when the loss or grad norm is non-finite (``kava.train.step_unless``)."""
+    AdamW, skipped on the device when the loss or grad norm is non-finite (``kava.train.step_unless``).
+    ``host_guard``: the step of ``train.nonfinite_guard=host``: AdamW, skipped after reading that flag."""
     from kava.train import step_unless
 
     params = [p for p in model.parameters() if p.requires_grad]
     opts = {False: torch.optim.AdamW(params, lr=1e-7, weight_decay=0.1)}
 
     def step(loss_fn: Callable, context: Callable = contextlib.nullcontext,
-             host_reads: bool = False, device_guard: bool = False) -> Callable[[], None]:
+             host_reads: bool = False, device_guard: bool = False, host_guard: bool = False) -> Callable[[], None]:
         if device_guard and True not in opts:
             opts[True] = torch.optim.AdamW(params, lr=1e-7, weight_decay=0.1, fused=True)
         opt = opts[device_guard]
@@ -444,7 +445,7 @@ def optimizer_steps(model, grad_clip: float = 2.0) -> Callable:
                 loss.item(), dict(metrics), norm.item()
             if device_guard:
                 step_unless(opt, ~(torch.isfinite(loss.detach()) & torch.isfinite(norm)))
-            else:
+            elif not host_guard or bool(torch.isfinite(loss.detach()) & torch.isfinite(norm)):
                 opt.step()
             opt.zero_grad(set_to_none=True)
         return run

@@ -18,6 +18,8 @@
 #                       the loss, metrics and grad norm read back every step (benchmarks/common.py old_step_path);
 #   cot_new / kava_new  the library now, off a logging step (log_metrics=False), with its CUDA default
 #                       train.nonfinite_guard=device (fused AdamW, the skip decided on the device: no host read);
+#   kava_hguard         kava_new with train.nonfinite_guard=host instead (plain AdamW, one flag read per step):
+#                       kava_new/kava_hguard is what the device guard, and auto's choice of it on CUDA, buys;
 #   kava_comp           kava_new with latent.compile (issue 13 item 4: the M-slot passes through torch.compile,
 #                       the graph latent.compile builds). Compiled after the timed eager rounds' warm-up; its
 #                       compile time is reported; --no-compile leaves it out. On failure the error is recorded
@@ -180,6 +182,7 @@ def steps_for(tb, sb) -> dict:
         "cot_new": optimizer_step(loss_fn(True, False), device_guard=True),
         "kava_old": optimizer_step(loss_fn(False, True), old, host_reads=True),
         "kava_new": optimizer_step(loss_fn(False, False), device_guard=True),
+        "kava_hguard": optimizer_step(loss_fn(False, False), host_guard=True),
         "kava_comp": optimizer_step(loss_fn(False, False), lambda: common.compiled_latents(model, compiled),
                                     device_guard=True),
     }
@@ -249,7 +252,8 @@ for batch in batches:
         v["mfu"] = v["achieved_tflops"] / peak if peak else None
         row["variants"][k] = v
     pairs = {"kava_old/cot_old": ("kava_old", "cot_old"), "kava_new/cot_new": ("kava_new", "cot_new"),
-             "kava_new/kava_old": ("kava_new", "kava_old"), "cot_new/cot_old": ("cot_new", "cot_old")}
+             "kava_new/kava_old": ("kava_new", "kava_old"), "cot_new/cot_old": ("cot_new", "cot_old"),
+             "kava_new/kava_hguard": ("kava_new", "kava_hguard")}
     if "kava_comp" in fns:
         pairs.update({"kava_comp/cot_new": ("kava_comp", "cot_new"), "kava_comp/kava_new": ("kava_comp", "kava_new")})
     row["ratios"] = {k: common.paired_ratio(times, *v) for k, v in pairs.items()}

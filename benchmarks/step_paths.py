@@ -11,7 +11,8 @@ Variants (same model and batch, one optimizer step each, interleaved in one run;
   b_new          KaVa step off a logging step: row forward, prefix KV by reference, ``log_metrics=False``.
   b_log          KaVa step at a logging step on the new path (``log_metrics=True``).
   b_dev          b_new with ``train.nonfinite_guard=device`` (the CUDA default): fused AdamW, skipped on a device
-                 flag (``kava.train.step_unless``) instead of the host guard's read.
+                 flag (``kava.train.step_unless``). b_new has no guard at all; b_hgd is b_new with the host
+                 guard (``train.nonfinite_guard=host``, the CPU default: one flag read, then AdamW).
 
 With ``--compiled`` (issue 13 item 4, ``latent.compile``), two more, both b_new with the M-slot passes compiled
 (inductor):
@@ -60,6 +61,7 @@ def make_steps(model, tb, sb, grad_clip: float = 2.0, compiled: dict | None = No
         "b_new": step(lambda: model.training_loss(tb, sb, log_metrics=False), old=False),
         "b_log": step(lambda: model.training_loss(tb, sb, log_metrics=True), old=False),
         "b_dev": step(lambda: model.training_loss(tb, sb, log_metrics=False), old=False, device_guard=True),
+        "b_hgd": optimizer_step(lambda: model.training_loss(tb, sb, log_metrics=False), host_guard=True),
     }
     for name, fn in (compiled or {}).items():
         steps[name] = optimizer_step(lambda: model.training_loss(tb, sb, log_metrics=False),
@@ -126,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
         times = common.interleaved(steps, repeats=repeats, warmup=args.warmup, device=device, both=both)
         pairs = {"a_new/a_old": ("a_new", "a_old"), "b_new/b_old": ("b_new", "b_old"),
                  "b_log/b_old": ("b_log", "b_old"), "b_old/a_old": ("b_old", "a_old"),
-                 "b_new/a_new": ("b_new", "a_new"), "b_dev/b_new": ("b_dev", "b_new")}
+                 "b_new/a_new": ("b_new", "a_new"), "b_dev/b_new": ("b_dev", "b_new"),
+                 "b_dev/b_hgd": ("b_dev", "b_hgd")}
         if compiled:
             pairs.update({"b_comp/b_new": ("b_comp", "b_new"), "b_cstat/b_new": ("b_cstat", "b_new"),
                           "b_comp/a_new": ("b_comp", "a_new")})

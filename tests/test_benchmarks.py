@@ -101,7 +101,7 @@ def test_step_paths_quick(tmp_path):
     out = tmp_path / "step_paths.json"
     step_paths.main(["--quick", "--out", str(out)])
     (row,) = _load(out)["results"]
-    assert set(row["time_s_median"]) == {"a_old", "a_new", "b_old", "b_new", "b_log", "b_dev"}
+    assert set(row["time_s_median"]) == {"a_old", "a_new", "b_old", "b_new", "b_log", "b_dev", "b_hgd"}
     assert {"a_new/a_old", "b_new/b_old", "b_log/b_old", "b_dev/b_new"} <= set(row["ratios"])
     assert kava.latent._cache_from is cache_from and kava.model.masked_ce is masked_ce
 
@@ -151,12 +151,12 @@ def test_gpu_script_quick_on_cpu(tmp_path):
     assert data["complete"] and data["args"]["quick"]
     (row,) = data["results"]
     assert row["batch"] == 2 and not row["errors"]
-    assert set(row["variants"]) == {"cot_old", "cot_new", "kava_old", "kava_new", "kava_comp"}
+    assert set(row["variants"]) == {"cot_old", "cot_new", "kava_old", "kava_new", "kava_hguard", "kava_comp"}
     for v in row["variants"].values():
         assert {"ms_per_step", "tokens_per_s", "model_tflop_per_step", "mfu", "peak_mem_bytes"} <= set(v)
         assert v["mfu"] is None and v["peak_mem_bytes"] > 0  # no peak given on CPU
     assert {"kava_old/cot_old", "kava_new/cot_new", "kava_comp/cot_new", "kava_new/kava_old",
-            "kava_comp/kava_new"} <= set(row["ratios"])
+            "kava_comp/kava_new", "kava_new/kava_hguard"} <= set(row["ratios"])
     assert set(row["kava/cot_over_floor"]) == {"kava_old/cot_old", "kava_new/cot_new", "kava_comp/cot_new"}
     t = row["tokens"]
     assert t["student"] == (data["args"]["T"] + 1) * data["args"]["M"] + t["A"]  # the shared question pass
