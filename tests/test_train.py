@@ -406,6 +406,24 @@ def test_step_unless_is_exactly_no_step_where_the_flag_is_set(bad, decay):
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sb)
 
 
+@pytest.mark.parametrize("device, fp16, fsdp, guard, expected", [
+    ("cuda", False, False, "auto", True),  # the GPU default: no host read per step
+    ("cpu", False, False, "auto", False),  # CPU keeps plain AdamW and its numbers
+    ("cuda", True, False, "auto", False),  # fp16: the loss scaler skips steps itself
+    ("cuda", False, True, "auto", False),  # FSDP2: untested with fused AdamW
+    ("cpu", False, False, "device", True),
+    ("cuda", False, False, "host", False),
+])
+def test_auto_guard_is_on_the_device_for_cuda_only(device, fp16, fsdp, guard, expected):
+    from types import SimpleNamespace
+
+    from kava.train import guard_on_device
+
+    cfg = KavaConfig().override([f"train.nonfinite_guard={guard}", f"train.fsdp={str(fsdp).lower()}"])
+    acc = SimpleNamespace(device=torch.device(device), scaler=object() if fp16 else None)
+    assert guard_on_device(cfg, acc) is expected
+
+
 def test_step_unless_refuses_an_unfused_optimizer():
     from kava.train import step_unless
 
