@@ -624,22 +624,30 @@ def train_step(run: Run, step: int) -> StepResult:
     local = torch.cat([loss_sum.reshape(1), metric_sum.to(loss_sum.device)])
     total = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local  # a collective, no host read
     values = torch.cat([total[:1], grad, total[1:]])  # loss, grad norm, metrics
-    if run.bad_counts is not None:
-        return _update_guarded_on_device(run, values, names, weight, log_step, has_norm=grad_norm is not None)
-    read_values = values.tolist() if log_step else None  # the logging step's one read: the guard uses it too
+    on_device = run.bad_counts is not None  # train.nonfinite_guard=device
+    # The logging step's one read (the host guard uses it too); the device guard reads after its update.
+    read_values = values.tolist() if log_step and not on_device else None
     scaler = acc.scaler  # fp16 only
     if read_values is not None:
         loss_ok = math.isfinite(read_values[0])
         step_ok = loss_ok and math.isfinite(read_values[1])
+    elif on_device:
+        loss_ok = step_ok = None  # decided on the device, below
     elif scaler is None:
-        # The one host read off logging steps: update or skip. Skipping on the device instead (torch.where on
-        # weights and AdamW state) would copy every trainable tensor twice per step.
+        # The host guard's one read off logging steps: update or skip (the device guard skips inside fused AdamW).
         step_ok = loss_ok = bool(torch.isfinite(values[:2]).all())
     else:
         loss_ok = bool(torch.isfinite(values[0]))  # the scaler checks the gradients itself
         step_ok = loss_ok
-    extra = {}
-    if scaler is None:
+    extra, bad_counts = {}, None
+    if on_device:
+        # Skipped inside fused AdamW and counted on the device: no read. The same decision as the host guard's.
+        bad = ~torch.isfinite(values[:2]).all()
+        step_unless(run.optimizer, bad)
+        in_a_row, unread = run.bad_counts.unbind()
+        run.bad_counts = torch.stack([(in_a_row + 1) * bad, unread + bad])
+        skipped, overflow = None, False  # not known on the host until a read
+    elif scaler is None:
         skipped = not step_ok
         if not skipped:
             run.optimizer.step()
@@ -659,6 +667,11 @@ def train_step(run: Run, step: int) -> StepResult:
     with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
         run.scheduler.step()  # a skipped step still uses up its place in the schedule (and its batch)
+    if on_device and log_step:  # one read: the values and the device's bad-step counters
+        *read_values, in_a_row, unread = torch.cat([values, run.bad_counts]).tolist()
+        run.bad_counts[1] = 0  # read: the unread count starts again
+        bad_counts = (int(in_a_row), int(unread))
+        skipped = not (math.isfinite(read_values[0]) and math.isfinite(read_values[1]))
     if read_values is None and skipped:
         read_values = values.tolist()  # a skipped step is logged and warned about: read its values after all
     if read_values is None:
@@ -668,30 +681,7 @@ def train_step(run: Run, step: int) -> StepResult:
     loss_value, grad_value, *metric_values = read_values
     return StepResult(loss=loss_value, grad_norm=grad_value if grad_norm is not None else 0.0, skipped=skipped,
                       overflow=overflow, metrics={**dict(sorted(zip(names, metric_values))), **extra,
-                                                  "student_weight": weight})
-
-
-def _update_guarded_on_device(run: Run, values: torch.Tensor, names, weight: float, log_step: bool,
-                              has_norm: bool) -> StepResult:
-    """``train.nonfinite_guard=device``: the update is skipped on the device when the (reduced) loss or gradient
-    norm is non-finite, and the bad-step counters are kept there; at logging steps one read returns the values
-    and the counters. The same decision as the host guard, on the same values, without its read."""
-    bad = ~torch.isfinite(values[:2]).all()
-    step_unless(run.optimizer, bad)
-    run.optimizer.zero_grad(set_to_none=True)
-    in_a_row, unread = run.bad_counts.unbind()
-    run.bad_counts = torch.stack([(in_a_row + 1) * bad, unread + bad])
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
-        run.scheduler.step()
-    if not log_step:
-        return StepResult(loss=None, grad_norm=None, skipped=None, overflow=False, metrics={})
-    loss_value, grad_value, *metric_values, in_a_row, unread = torch.cat([values, run.bad_counts]).tolist()
-    run.bad_counts[1] = 0  # read: the unread count starts again
-    return StepResult(loss=loss_value, grad_norm=grad_value if has_norm else 0.0,
-                      skipped=not (math.isfinite(loss_value) and math.isfinite(grad_value)), overflow=False,
-                      metrics={**dict(sorted(zip(names, metric_values))), "student_weight": weight},
-                      bad_counts=(int(in_a_row), int(unread)))
+                                                  "student_weight": weight}, bad_counts=bad_counts)
 
 
 def read_bad_counts(run: Run) -> None:
