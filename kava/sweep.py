@@ -127,13 +127,13 @@ class SweepSpec:
         if spec.task is None and "style" in d:
             raise ConfigError(f"{source}: 'style' applies to the synthetic 'task' only (a data file has its own steps)")
         if spec.task is not None:
-            from kava.data.synthetic import STYLES, TASKS
+            from kava.data.synthetic import STYLE_CHOICES, STYLES, TASKS
             from kava.demo import DemoSizes
 
             if spec.task not in TASKS:
                 raise ConfigError(f"{source}: task {spec.task!r}: expected one of {', '.join(sorted(TASKS))}")
             if spec.style not in STYLES:
-                raise ConfigError(f"{source}: style {spec.style!r}: expected {' or '.join(map(repr, STYLES))}")
+                raise ConfigError(f"{source}: style {spec.style!r}: expected {STYLE_CHOICES}")
             if not isinstance(spec.sizes, dict):
                 raise ConfigError(f"{source}: 'sizes' must map kava.demo.DemoSizes fields to values")
             bad = sorted(set(spec.sizes) - {f.name for f in fields(DemoSizes)} - {"quick"})

@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 STYLES = ("equations", "nl")  # how the CoT steps are written: <<12+7=19>>, or sentences
-_STYLE_CHOICES = " or ".join(map(repr, STYLES))  # for error messages
+STYLE_CHOICES = " or ".join(map(repr, STYLES))  # for error messages
 
 MAX_VALUE = 200  # every intermediate value is in 1..MAX_VALUE
 ADD_RANGE = (1, 50)  # operands of + and -
@@ -262,6 +262,11 @@ def sample_problem(rng: random.Random, num_steps: int | None = None,
     raise RuntimeError("could not draw a problem whose question hides its answer")  # pragma: no cover
 
 
+def check_style(style: str) -> None:
+    if style not in STYLES:
+        raise ValueError(f"style={style!r}: expected {STYLE_CHOICES}")
+
+
 def make_example(problem: Problem, style: str = "equations") -> Example:
     """The problem as an :class:`Example` with ``equations`` or ``nl`` CoT steps."""
     if style == "equations":
@@ -269,7 +274,7 @@ def make_example(problem: Problem, style: str = "equations") -> Example:
     elif style == "nl":
         steps = list(problem.nl_steps)
     else:
-        raise ValueError(f"style={style!r}: expected {_STYLE_CHOICES}")
+        raise ValueError(f"style={style!r}: expected {STYLE_CHOICES}")
     return Example(question=problem.question, steps=steps, answer=problem.answer)
 
 
@@ -288,8 +293,7 @@ def make_splits(n_train: int, n_test: int, seed: int = 0, style: str = "equation
     """
     if n_train < 0 or n_test < 0:
         raise ValueError(f"make_splits: sizes must be >= 0, got n_train={n_train}, n_test={n_test}")
-    if style not in STYLES:
-        raise ValueError(f"style={style!r}: expected {_STYLE_CHOICES}")
+    check_style(style)
     drawn = _distinct_problems(random.Random(seed), n_test + n_train, set(), ranges,
                                f"make_splits: could not draw {n_train + n_test} distinct problems")
     examples = [make_example(p, style) for p in drawn]
@@ -322,8 +326,7 @@ def make_heldout(n: int, exclude: Iterable[Example], seed: int = 0, name: str = 
     """
     if n < 0:
         raise ValueError(f"make_heldout: n must be >= 0, got {n}")
-    if style not in STYLES:
-        raise ValueError(f"style={style!r}: expected {_STYLE_CHOICES}")
+    check_style(style)
     seen = {e.question for e in exclude}
     drawn = _distinct_problems(random.Random(f"{seed}:{name}"), n, seen, ranges,
                                f"make_heldout: could not draw {n} problems outside the {len(seen)} excluded")
